@@ -1,0 +1,17 @@
+//! The `leasehold` binary: parse the command line, set up logging, dispatch.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = leasehold::cli::Cli::parse();
+    let code = leasehold::cli::run(cli).await?;
+    std::process::exit(code);
+}

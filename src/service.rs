@@ -1,0 +1,222 @@
+//! The gRPC edge of the worker API: the only module (with `admin`) that
+//! knows gRPC status codes.
+//!
+//! Each handler converts the protobuf request into validated domain values
+//! (the constructors in [`crate::lease`] do the checking, so a bad field is
+//! refused before anything changes), calls the [`Coordinator`], and converts
+//! the answer back. Every error becomes a [`Status`] in one place,
+//! [`status`]. Each RPC runs in a tracing span carrying the resource, the
+//! holder and the token.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{field, Span};
+
+use crate::coordinator::{AcquireOutcome, AcquireRequest, Coordinator, CoordinatorError};
+use crate::lease::{FencingToken, Holder, InvalidField, LeaseId, RequestId, Resource};
+use crate::proto::{self, lease_service_server::LeaseService};
+use crate::state::{LeaseView, StateError};
+
+/// Maps every coordinator error to its gRPC status. The messages say what
+/// happened and what to do.
+pub fn status(err: CoordinatorError) -> Status {
+    match &err {
+        CoordinatorError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        CoordinatorError::State(s) => match s {
+            StateError::NotFound(_) => Status::not_found(err.to_string()),
+            StateError::WrongToken { .. } => Status::permission_denied(err.to_string()),
+            StateError::RequestMismatch(_) => Status::invalid_argument(err.to_string()),
+            StateError::RequestEnded(_) => Status::failed_precondition(err.to_string()),
+            StateError::Superseded => Status::aborted(err.to_string()),
+            StateError::Exhausted { .. } => Status::resource_exhausted(err.to_string()),
+        },
+        CoordinatorError::Storage(_) | CoordinatorError::ShuttingDown => {
+            Status::unavailable(err.to_string())
+        }
+    }
+}
+
+fn invalid(e: InvalidField) -> Status {
+    status(CoordinatorError::Invalid(e))
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+/// The wire form of a lease, for its holder (it carries the lease id).
+pub fn lease_to_proto(v: &LeaseView) -> proto::Lease {
+    proto::Lease {
+        resource: v.record.resource.to_string(),
+        lease_id: v.record.lease_id.to_string(),
+        token: v.record.token.0,
+        holder: v.record.holder.to_string(),
+        ttl_ms: ms(v.record.ttl),
+        expires_in_ms: ms(v.expires_in),
+    }
+}
+
+/// The `LeaseService` implementation.
+#[derive(Clone)]
+pub struct LeaseApi {
+    coordinator: Coordinator,
+}
+
+impl LeaseApi {
+    /// A service over `coordinator`.
+    pub fn new(coordinator: Coordinator) -> Self {
+        LeaseApi { coordinator }
+    }
+}
+
+fn record_lease(span: &Span, v: &LeaseView) {
+    span.record("token", v.record.token.0);
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = Result<proto::KeepAliveResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl LeaseService for LeaseApi {
+    #[tracing::instrument(name = "Acquire", skip_all, fields(resource = %request.get_ref().resource, holder = %request.get_ref().holder, token = field::Empty))]
+    async fn acquire(
+        &self,
+        request: Request<proto::AcquireRequest>,
+    ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let r = request.into_inner();
+        let bounds = self.coordinator.bounds();
+        let req = AcquireRequest {
+            resource: Resource::new(r.resource).map_err(invalid)?,
+            holder: Holder::new(r.holder).map_err(invalid)?,
+            ttl: bounds.ttl("ttl_ms", r.ttl_ms).map_err(invalid)?,
+            request_id: RequestId::new_optional(r.request_id).map_err(invalid)?,
+            wait: bounds.wait(r.wait_ms).map_err(invalid)?,
+        };
+        let outcome = match self.coordinator.acquire(req).await.map_err(status)? {
+            AcquireOutcome::Lease(v) => {
+                record_lease(&Span::current(), &v);
+                proto::acquire_response::Outcome::Lease(lease_to_proto(&v))
+            }
+            AcquireOutcome::Held {
+                holder,
+                token,
+                expires_in,
+            } => proto::acquire_response::Outcome::Held(proto::Held {
+                holder: holder.to_string(),
+                expires_in_ms: ms(expires_in),
+                token: token.0,
+            }),
+        };
+        Ok(Response::new(proto::AcquireResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    #[tracing::instrument(name = "Renew", skip_all, fields(resource = field::Empty, holder = field::Empty, token = request.get_ref().token))]
+    async fn renew(
+        &self,
+        request: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::RenewResponse>, Status> {
+        let r = request.into_inner();
+        let id = LeaseId::parse(&r.lease_id).map_err(invalid)?;
+        let ttl = match r.ttl_ms {
+            0 => None,
+            ms => Some(
+                self.coordinator
+                    .bounds()
+                    .ttl("ttl_ms", ms)
+                    .map_err(invalid)?,
+            ),
+        };
+        let v = self
+            .coordinator
+            .renew(id, FencingToken(r.token), ttl)
+            .await
+            .map_err(status)?;
+        let span = Span::current();
+        span.record("resource", v.record.resource.as_str());
+        span.record("holder", v.record.holder.as_str());
+        Ok(Response::new(proto::RenewResponse {
+            lease: Some(lease_to_proto(&v)),
+        }))
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    #[tracing::instrument(name = "KeepAlive", skip_all)]
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<proto::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let coordinator = self.coordinator.clone();
+        let shutdown = coordinator.shutdown_token().cancelled_owned();
+        // One response per request, produced only when the client reads:
+        // the stream applies its own backpressure.
+        let out = request
+            .into_inner()
+            .take_until(shutdown)
+            .map(move |msg| {
+                let msg = msg?;
+                let id = LeaseId::parse(&msg.lease_id).map_err(invalid)?;
+                let token = FencingToken(msg.token);
+                let (alive, expires_in_ms) = match coordinator.renew_now(id, token) {
+                    Ok(v) => (true, ms(v.expires_in)),
+                    Err(e) => {
+                        tracing::debug!(lease_id = ?id, token = token.0, error = %e, "keepalive for a lease that is gone");
+                        (false, 0)
+                    }
+                };
+                Ok(proto::KeepAliveResponse {
+                    lease_id: msg.lease_id,
+                    token: msg.token,
+                    expires_in_ms,
+                    alive,
+                })
+            });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    #[tracing::instrument(name = "Release", skip_all, fields(token = request.get_ref().token))]
+    async fn release(
+        &self,
+        request: Request<proto::ReleaseRequest>,
+    ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let r = request.into_inner();
+        let id = LeaseId::parse(&r.lease_id).map_err(invalid)?;
+        let released = self
+            .coordinator
+            .release(id, FencingToken(r.token))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ReleaseResponse { released }))
+    }
+
+    #[tracing::instrument(name = "Describe", skip_all, fields(resource = %request.get_ref().resource, holder = field::Empty, token = field::Empty))]
+    async fn describe(
+        &self,
+        request: Request<proto::DescribeRequest>,
+    ) -> Result<Response<proto::DescribeResponse>, Status> {
+        let resource = Resource::new(request.into_inner().resource).map_err(invalid)?;
+        let view = self.coordinator.describe(&resource).await.map_err(status)?;
+        let reply = match view {
+            None => proto::DescribeResponse::default(),
+            Some(v) => {
+                let span = Span::current();
+                span.record("holder", v.record.holder.as_str());
+                record_lease(&span, &v);
+                proto::DescribeResponse {
+                    held: true,
+                    holder: v.record.holder.to_string(),
+                    token: v.record.token.0,
+                    ttl_ms: ms(v.record.ttl),
+                    expires_in_ms: ms(v.expires_in),
+                    waiters: v.waiters,
+                }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}
