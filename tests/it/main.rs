@@ -1,0 +1,7 @@
+//! Integration tests: the real server on 127.0.0.1:0 with a temporary data
+//! directory, spoken to over gRPC. One binary, one module per area.
+
+mod support;
+
+mod coordinator;
+mod crash;

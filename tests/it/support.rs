@@ -1,0 +1,222 @@
+//! Test harness: an in-process server on an ephemeral port, a temp data dir,
+//! and restart(); plus a spawned-binary server for crash tests.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold::coordinator::Config;
+use leasehold::proto::lease_service_client::LeaseServiceClient;
+use leasehold::proto::{self, acquire_response::Outcome};
+use leasehold::server::{self, ServerConfig};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = LeaseServiceClient<Channel>;
+
+/// A server running in this process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: Arc<TempDir>,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(Config::default()).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in(dir, config).await
+    }
+
+    async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server_config = ServerConfig {
+            data_dir: dir.path().to_owned(),
+            coordinator: config.clone(),
+        };
+        let task = tokio::spawn(async move {
+            server::run(listener, server_config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server failed");
+        });
+        TestServer {
+            addr,
+            dir,
+            config,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+
+    /// Graceful stop: waits for the server to finish and flush.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("server did not stop within 10 s")
+                .expect("server task panicked");
+        }
+    }
+
+    /// Stops and starts again on the same data directory (new port).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let next = Self::start_in(self.dir.clone(), self.config.clone()).await;
+        *self = next;
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    for _ in 0..100 {
+        if let Ok(c) = LeaseServiceClient::connect(url.to_owned()).await {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not connect to {url}");
+}
+
+pub fn acquire_req(resource: &str, holder: &str, ttl_ms: u64) -> proto::AcquireRequest {
+    proto::AcquireRequest {
+        resource: resource.into(),
+        holder: holder.into(),
+        ttl_ms,
+        request_id: String::new(),
+        wait_ms: 0,
+    }
+}
+
+/// Acquire that must be granted.
+pub async fn grant(c: &mut Client, req: proto::AcquireRequest) -> proto::Lease {
+    match c
+        .acquire(req)
+        .await
+        .expect("acquire failed")
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Lease(l)) => l,
+        other => panic!("expected a lease, got {other:?}"),
+    }
+}
+
+/// Acquire that must find the resource held.
+pub async fn held(c: &mut Client, req: proto::AcquireRequest) -> proto::Held {
+    match c
+        .acquire(req)
+        .await
+        .expect("acquire failed")
+        .into_inner()
+        .outcome
+    {
+        Some(Outcome::Held(h)) => h,
+        other => panic!("expected held, got {other:?}"),
+    }
+}
+
+pub async fn describe(c: &mut Client, resource: &str) -> proto::DescribeResponse {
+    c.describe(proto::DescribeRequest {
+        resource: resource.into(),
+    })
+    .await
+    .expect("describe failed")
+    .into_inner()
+}
+
+/// The built `leasehold` binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_leasehold"))
+}
+
+/// A `leasehold serve` child process.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn leasehold serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read the listening line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .expect("address");
+        ServerProcess { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
