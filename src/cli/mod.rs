@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub mod common;
 pub mod serve;
 
 /// Leasehold: leases with fencing tokens that never go backwards.
