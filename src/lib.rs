@@ -10,10 +10,12 @@
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services.
+//! - [`bench`]: `leasehold bench`, bounded load generators with checks.
 //! - [`cli`]: the `leasehold` command line.
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
 
+pub mod bench;
 pub mod cli;
 pub mod commit;
 pub mod coordinator;

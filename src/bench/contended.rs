@@ -1,0 +1,164 @@
+//! `bench contended`: every worker queues for the same resource (Acquire
+//! with a wait), holds it for an instant and releases it. The server hands
+//! the resource to the next waiter inside the Release, in the same durable
+//! write, so one op is one handoff: its latency is the time an Acquire
+//! spent in line.
+//!
+//! Checks, as the workers see the grants:
+//! - `no-overlap`: a shared "current holder" slot is set on each grant and
+//!   cleared before the Release is sent; a grant that finds it set means two
+//!   holders overlapped.
+//! - `tokens-increase`: every grant's token is above every token granted
+//!   before it (grants are causally ordered through that slot).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{
+    acquire, join_bounded, release, run_tag, BenchError, Check, Options, Report, Tally, Window,
+};
+
+/// Options of the contended workload beyond the common ones.
+#[derive(Debug, Clone)]
+pub struct ContendedOptions {
+    /// How long one Acquire may wait in line.
+    pub wait: Duration,
+    /// How long each holder keeps the lease before releasing it.
+    pub hold: Duration,
+}
+
+impl Default for ContendedOptions {
+    fn default() -> Self {
+        ContendedOptions {
+            wait: Duration::from_secs(10),
+            hold: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Token of the current holder, 0 when nobody holds.
+    holder: AtomicU64,
+    /// Highest token seen granted.
+    highest: AtomicU64,
+    overlaps: AtomicU64,
+    backwards: AtomicU64,
+    grants: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+/// Runs the contended workload.
+pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchError> {
+    opts.check()?;
+    let clients = opts.connect().await?;
+    let resource = format!("bench/contended/{}", run_tag());
+    let window = Arc::new(Window::new(opts.warmup, opts.duration, opts.max_ops));
+    let usage = tokio::spawn(super::usage_at_window_start_arc(
+        window.clone(),
+        opts.server_pid,
+    ));
+    let shared = Arc::new(Shared::default());
+    let mut handles = Vec::with_capacity(opts.concurrency);
+    for w in 0..opts.concurrency {
+        let mut client = clients[w % clients.len()].clone();
+        let (window, shared, opts, c) = (window.clone(), shared.clone(), opts.clone(), c.clone());
+        let resource = resource.clone();
+        handles.push(tokio::spawn(async move {
+            let holder = format!("bench-{w}");
+            let mut tally = Tally::default();
+            while window.running() {
+                let t0 = Instant::now();
+                let lease = match acquire(
+                    &mut client,
+                    resource.clone(),
+                    &holder,
+                    opts.ttl,
+                    c.wait,
+                    opts.op_timeout,
+                )
+                .await
+                {
+                    Ok(Some(l)) => l,
+                    Ok(None) => {
+                        shared.timeouts.fetch_add(1, Ordering::Relaxed);
+                        tally.error(format!("waited {:?} in line without a grant", c.wait));
+                        continue;
+                    }
+                    Err(e) => {
+                        tally.error(e);
+                        continue;
+                    }
+                };
+                let t1 = Instant::now();
+                let token = lease.token;
+                shared.grants.fetch_add(1, Ordering::Relaxed);
+                if shared
+                    .holder
+                    .compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    shared.overlaps.fetch_add(1, Ordering::Relaxed);
+                }
+                if shared.highest.fetch_max(token, Ordering::SeqCst) >= token {
+                    shared.backwards.fetch_add(1, Ordering::Relaxed);
+                }
+                window.record(&mut tally, t0, t1);
+                if !c.hold.is_zero() {
+                    tokio::time::sleep(c.hold).await;
+                }
+                // Cleared before the Release leaves: the next grant can only
+                // be sent after the server has seen this Release.
+                let _ =
+                    shared
+                        .holder
+                        .compare_exchange(token, 0, Ordering::SeqCst, Ordering::SeqCst);
+                match release(&mut client, lease, opts.op_timeout).await {
+                    Ok(true) => {}
+                    Ok(false) => tally.error("the lease had ended before its release"),
+                    Err(e) => tally.error(e),
+                }
+            }
+            tally
+        }));
+    }
+    let hard_stop = opts.hard_stop(&window) + c.wait;
+    let (tallies, lost) = join_bounded(handles, hard_stop).await;
+    let usage = usage.await.unwrap_or_default();
+    let mut tally = lost;
+    for t in &tallies {
+        tally.merge(t);
+    }
+    let measured = window.measured();
+    let mut report = Report::new(
+        "leasehold",
+        "contended",
+        "handoff",
+        opts.concurrency,
+        clients.len(),
+        measured,
+        &tally,
+    );
+    let grants = shared.grants.load(Ordering::Relaxed);
+    let overlaps = shared.overlaps.load(Ordering::Relaxed);
+    let backwards = shared.backwards.load(Ordering::Relaxed);
+    report.checks = vec![
+        Check::new(
+            "no-overlap",
+            overlaps == 0 && grants > 0,
+            format!("{grants} grants; {overlaps} while another holder held"),
+        ),
+        Check::new(
+            "tokens-increase",
+            backwards == 0,
+            format!("{backwards} grants not above every earlier token"),
+        ),
+    ];
+    report.extra.insert(
+        "wait_timeouts".into(),
+        shared.timeouts.load(Ordering::Relaxed) as f64,
+    );
+    usage.finish(measured, &mut report);
+    Ok(report)
+}

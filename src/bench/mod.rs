@@ -1,0 +1,276 @@
+//! `leasehold bench`: bounded load generators that measure a server and
+//! check its guarantees while they do.
+//!
+//! Every workload runs for a warm-up plus a measured duration, stops by
+//! itself (also after `max_ops` ops, and in any case a few seconds past its
+//! end, abandoning calls that hang), and returns a [`Report`]: the rate as
+//! `N ops/s`, p50/p90/p99/max latency, errors, and the correctness checks of
+//! the workload. The report module is shared with the etcd and ZooKeeper load
+//! generators in `bench/peers`, so all three print the same thing.
+//!
+//! - [`cycle`]: acquire → release on a free resource, per worker.
+//! - [`contended`]: every worker queues on one resource; handoffs per second,
+//!   with no two holders overlapping and tokens increasing in grant order.
+//! - [`keepalive`]: many live leases renewed over a few KeepAlive streams;
+//!   renewals per second, server CPU, spurious expiries (must be 0).
+//! - [`fill`] and [`ready`]: hold a million leases, then time a restart.
+//!
+//! The workloads speak plain gRPC through the generated client, so what is
+//! measured is the server, not a client library's retries.
+
+pub mod contended;
+pub mod cycle;
+pub mod keepalive;
+pub mod report;
+pub mod scale;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::proto::lease_service_client::LeaseServiceClient;
+use crate::proto::{self, acquire_response::Outcome};
+pub use report::{Check, Histogram, Report, Tally, Window};
+
+/// The generated client the workloads drive.
+pub type Client = LeaseServiceClient<Channel>;
+
+/// Why a benchmark could not run (failed ops are counted in the report instead).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// The server URL does not parse.
+    #[error("--server {url:?} is not a URL: {source}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// Why it does not parse.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// No connection could be made.
+    #[error("cannot connect to {url}: {source}; is `leasehold serve` running there?")]
+    Connect {
+        /// The URL given.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The setup phase (taking the leases a workload needs) failed.
+    #[error("setting up the workload failed: {0}")]
+    Setup(String),
+    /// The options make no sense together.
+    #[error("{0}")]
+    Options(String),
+}
+
+/// What every workload is configured with.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The server's URL (`http://127.0.0.1:7420`).
+    pub server: String,
+    /// Concurrent workers (or KeepAlive streams).
+    pub concurrency: usize,
+    /// HTTP/2 connections the workers share.
+    pub connections: usize,
+    /// TTL of every lease taken.
+    pub ttl: Duration,
+    /// How long to measure.
+    pub duration: Duration,
+    /// How long to run before measuring.
+    pub warmup: Duration,
+    /// Stop after this many measured ops.
+    pub max_ops: u64,
+    /// A call that takes longer fails (counted as an error).
+    pub op_timeout: Duration,
+    /// The server's process id, for its CPU time and memory (`/proc`).
+    pub server_pid: Option<u32>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            server: "http://127.0.0.1:7420".into(),
+            concurrency: 64,
+            connections: 1,
+            ttl: Duration::from_secs(10),
+            duration: Duration::from_secs(10),
+            warmup: Duration::from_secs(1),
+            max_ops: 10_000_000,
+            op_timeout: Duration::from_secs(5),
+            server_pid: None,
+        }
+    }
+}
+
+impl Options {
+    /// Opens `connections` channels to the server (eagerly, so a wrong URL
+    /// fails here rather than as a million errors).
+    pub async fn connect(&self) -> Result<Vec<Client>, BenchError> {
+        let endpoint =
+            Endpoint::from_shared(self.server.clone()).map_err(|source| BenchError::Url {
+                url: self.server.clone(),
+                source,
+            })?;
+        let endpoint = endpoint
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5));
+        let mut clients = Vec::new();
+        for _ in 0..self.connections.max(1) {
+            let channel = endpoint
+                .connect()
+                .await
+                .map_err(|source| BenchError::Connect {
+                    url: self.server.clone(),
+                    source,
+                })?;
+            clients.push(LeaseServiceClient::new(channel));
+        }
+        Ok(clients)
+    }
+
+    fn check(&self) -> Result<(), BenchError> {
+        if self.concurrency == 0 {
+            return Err(BenchError::Options(
+                "--concurrency must be at least 1".into(),
+            ));
+        }
+        if self.duration.is_zero() {
+            return Err(BenchError::Options("--duration must be above zero".into()));
+        }
+        Ok(())
+    }
+
+    /// The last moment any worker may still run: the window's end plus one
+    /// op timeout plus a margin. Workers still running then are abandoned.
+    fn hard_stop(&self, window: &Window) -> Instant {
+        window.to + self.op_timeout + Duration::from_secs(2)
+    }
+}
+
+/// A short random tag, so resources of different runs never meet.
+pub fn run_tag() -> String {
+    let mut b = [0u8; 4];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Waits for every worker until `deadline`; aborts the ones still running
+/// then and counts each as an error in the returned tally.
+pub async fn join_bounded<T: Send + 'static>(
+    handles: Vec<JoinHandle<T>>,
+    deadline: Instant,
+) -> (Vec<T>, Tally) {
+    let mut out = Vec::with_capacity(handles.len());
+    let mut lost = Tally::default();
+    let deadline = tokio::time::Instant::from_std(deadline);
+    for mut h in handles {
+        match tokio::time::timeout_at(deadline, &mut h).await {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(e)) => lost.error(format!("a worker failed: {e}")),
+            Err(_) => {
+                h.abort();
+                lost.error("a worker was still waiting on the server at the hard stop");
+            }
+        }
+    }
+    (out, lost)
+}
+
+/// A lease as a worker keeps it.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// The secret id.
+    pub lease_id: String,
+    /// The fencing token.
+    pub token: u64,
+}
+
+/// One Acquire with a timeout: `Ok(Some)` granted, `Ok(None)` held by
+/// someone else, `Err` failed.
+pub async fn acquire(
+    client: &mut Client,
+    resource: String,
+    holder: &str,
+    ttl: Duration,
+    wait: Duration,
+    timeout: Duration,
+) -> Result<Option<Held>, String> {
+    let req = proto::AcquireRequest {
+        resource,
+        holder: holder.to_owned(),
+        ttl_ms: ttl.as_millis() as u64,
+        request_id: String::new(),
+        wait_ms: wait.as_millis() as u64,
+    };
+    match tokio::time::timeout(timeout + wait, client.acquire(req)).await {
+        Err(_) => Err(format!("Acquire took longer than {timeout:?}")),
+        Ok(Err(status)) => Err(format!("Acquire: {}: {}", status.code(), status.message())),
+        Ok(Ok(r)) => match r.into_inner().outcome {
+            Some(Outcome::Lease(l)) => Ok(Some(Held {
+                lease_id: l.lease_id,
+                token: l.token,
+            })),
+            Some(Outcome::Held(_)) => Ok(None),
+            None => Err("Acquire answered with neither a lease nor a holder".into()),
+        },
+    }
+}
+
+/// One Release with a timeout; `Ok(released)`.
+pub async fn release(client: &mut Client, lease: Held, timeout: Duration) -> Result<bool, String> {
+    let req = proto::ReleaseRequest {
+        lease_id: lease.lease_id,
+        token: lease.token,
+    };
+    match tokio::time::timeout(timeout, client.release(req)).await {
+        Err(_) => Err(format!("Release took longer than {timeout:?}")),
+        Ok(Err(status)) => Err(format!("Release: {}: {}", status.code(), status.message())),
+        Ok(Ok(r)) => Ok(r.into_inner().released),
+    }
+}
+
+/// Server CPU and memory over the measured window, when its pid is known.
+#[derive(Debug, Default)]
+pub struct ServerUsage {
+    pid: Option<u32>,
+    cpu_at_start: Option<Duration>,
+}
+
+impl ServerUsage {
+    /// Samples at the window's start (call it then).
+    pub fn start(pid: Option<u32>) -> Self {
+        ServerUsage {
+            pid,
+            cpu_at_start: pid.and_then(report::process_cpu),
+        }
+    }
+
+    /// Adds `server_cpu_cores` (CPU seconds per second over `measured`) and
+    /// `server_rss_mib` to the report.
+    pub fn finish(&self, measured: Duration, report: &mut Report) {
+        let Some(pid) = self.pid else { return };
+        if let (Some(a), Some(b)) = (self.cpu_at_start, report::process_cpu(pid)) {
+            let cores = (b - a).as_secs_f64() / measured.as_secs_f64().max(1e-9);
+            report
+                .extra
+                .insert("server_cpu_cores".into(), (cores * 1000.0).round() / 1000.0);
+        }
+        if let Some(rss) = report::process_rss(pid) {
+            report.extra.insert(
+                "server_rss_mib".into(),
+                (rss as f64 / 1048576.0 * 10.0).round() / 10.0,
+            );
+        }
+    }
+}
+
+/// Waits until the window's measured interval begins, then samples the
+/// server; spawn it beside the workers.
+pub async fn usage_at_window_start_arc(window: Arc<Window>, pid: Option<u32>) -> ServerUsage {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(window.from)).await;
+    ServerUsage::start(pid)
+}

@@ -1,0 +1,174 @@
+//! `bench fill` and `bench ready`: the scale procedure.
+//!
+//! `fill` takes many leases (a million, say) with a long TTL and keeps them,
+//! reporting the grant rate and the server's memory. Then the operator
+//! restarts the server and `ready` polls Describe on one of the filled
+//! resources until the restarted server answers that it is held: the time it
+//! prints is how long the restart took to serve again (measured from when
+//! `ready` started, so start it right after the server process).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{
+    acquire, join_bounded, run_tag, BenchError, Check, Client, Held, Options, Report, Tally, Window,
+};
+use crate::proto;
+
+/// Takes `count` leases named `{prefix}/{i}` with `workers` concurrent
+/// workers; returns them (in name order) and the tally of the grants.
+pub async fn take_leases(
+    clients: &[Client],
+    prefix: &str,
+    count: usize,
+    workers: usize,
+    opts: &Options,
+    window: Arc<Window>,
+) -> (Vec<Option<Held>>, Tally) {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for w in 0..workers.max(1) {
+        let mut client = clients[w % clients.len()].clone();
+        let (next, window, opts) = (next.clone(), window.clone(), opts.clone());
+        let prefix = prefix.to_owned();
+        handles.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut got = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= count || Instant::now() > window.to {
+                    break;
+                }
+                let t0 = Instant::now();
+                match acquire(
+                    &mut client,
+                    format!("{prefix}/{i}"),
+                    "bench",
+                    opts.ttl,
+                    Duration::ZERO,
+                    opts.op_timeout,
+                )
+                .await
+                {
+                    Ok(Some(l)) => {
+                        window.record(&mut tally, t0, Instant::now());
+                        got.push((i, l));
+                    }
+                    Ok(None) => tally.error(format!("{prefix}/{i} was already held")),
+                    Err(e) => tally.error(e),
+                }
+            }
+            (got, tally)
+        }));
+    }
+    let deadline = window.to + opts.op_timeout + Duration::from_secs(2);
+    let (parts, mut tally) = join_bounded(handles, deadline).await;
+    let mut leases: Vec<Option<Held>> = vec![None; count];
+    for (got, t) in parts {
+        tally.merge(&t);
+        for (i, l) in got {
+            leases[i] = Some(l);
+        }
+    }
+    (leases, tally)
+}
+
+/// Takes `count` leases and keeps them; `opts.duration` bounds the run.
+pub async fn fill(opts: &Options, count: usize) -> Result<Report, BenchError> {
+    opts.check()?;
+    let clients = opts.connect().await?;
+    let prefix = format!("bench/fill/{}", run_tag());
+    let window = Arc::new(Window::new(Duration::ZERO, opts.duration, u64::MAX));
+    let usage = super::ServerUsage::start(opts.server_pid);
+    let started = Instant::now();
+    let (leases, tally) = take_leases(
+        &clients,
+        &prefix,
+        count,
+        opts.concurrency,
+        opts,
+        window.clone(),
+    )
+    .await;
+    let took = started.elapsed();
+    let held = leases.iter().filter(|l| l.is_some()).count();
+    let mut report = Report::new(
+        "leasehold",
+        "fill",
+        "grant",
+        opts.concurrency,
+        clients.len(),
+        took,
+        &tally,
+    );
+    report.checks = vec![Check::new(
+        "all-granted",
+        held == count,
+        format!("{held} of {count} leases held under {prefix}/0..{count}"),
+    )];
+    report.extra.insert("leases_held".into(), held as f64);
+    usage.finish(took, &mut report);
+    Ok(report)
+}
+
+/// Polls Describe on `resource` until the server answers (and says it is
+/// held, when `expect_held`), at most `timeout`. Reports the time it took.
+pub async fn ready(
+    opts: &Options,
+    resource: &str,
+    expect_held: bool,
+    timeout: Duration,
+) -> Result<Report, BenchError> {
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(opts.server.clone()).map_err(|source| {
+            BenchError::Url {
+                url: opts.server.clone(),
+                source,
+            }
+        })?;
+    let started = Instant::now();
+    let mut tally = Tally::default();
+    let mut attempts = 0u64;
+    let mut answer = None;
+    while started.elapsed() < timeout {
+        attempts += 1;
+        if let Ok(channel) = endpoint.connect().await {
+            let mut client = Client::new(channel);
+            let req = proto::DescribeRequest {
+                resource: resource.to_owned(),
+            };
+            if let Ok(r) = client.describe(req).await {
+                answer = Some(r.into_inner());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    if answer.is_some() {
+        tally.hist.record(took);
+        tally.ops = 1;
+    } else {
+        tally.error(format!("no answer within {timeout:?}"));
+    }
+    let mut report = Report::new("leasehold", "ready", "restart", 1, 1, took, &tally);
+    let held = answer.as_ref().is_some_and(|a| a.held);
+    report.checks = vec![Check::new(
+        "restored",
+        answer.is_some() && (held || !expect_held),
+        format!("{resource} held after restart: {held}"),
+    )];
+    report
+        .extra
+        .insert("ready_after_ms".into(), took.as_millis() as f64);
+    report.extra.insert("attempts".into(), attempts as f64);
+    if let Some(pid) = opts.server_pid {
+        if let Some(rss) = super::report::process_rss(pid) {
+            report
+                .extra
+                .insert("server_rss_mib".into(), (rss as f64 / 1048576.0).round());
+        }
+    }
+    Ok(report)
+}
