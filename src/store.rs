@@ -12,7 +12,9 @@
 //!
 //! # Durability
 //! [`Store::commit`] writes a whole batch of changes with one atomic sled
-//! batch and one `flush()`; before that, if the batch holds a token above the
+//! batch and one `flush()` (the committer calls its two halves,
+//! [`Store::write`] and [`Store::flush`], from two threads so that one
+//! batch's write overlaps the previous batch's flush); before that, if the batch holds a token above the
 //! reservation, it raises the reservation by [`RESERVATION_BLOCK`] and
 //! `fdatasync`s the file. So:
 //!
@@ -28,6 +30,7 @@
 //! Renewals that keep the TTL are not written: a restart gives every lease a
 //! full TTL anyway.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -222,8 +225,13 @@ pub struct Store {
     db_path: PathBuf,
     /// Only the committer thread writes; the lock keeps `&self` methods safe.
     reservation: parking_lot::Mutex<Reservation>,
+    /// History entries per recently granted resource (see `trim_history`).
+    trims: parking_lot::Mutex<HashMap<Resource, usize>>,
     options: StoreOptions,
 }
+
+/// Most resources whose history size the store remembers at once.
+const TRIM_CACHE: usize = 65_536;
 
 impl Store {
     /// Opens (or creates) the data directory.
@@ -249,6 +257,7 @@ impl Store {
             db,
             db_path,
             reservation: parking_lot::Mutex::new(reservation),
+            trims: parking_lot::Mutex::new(HashMap::new()),
             options,
         })
     }
@@ -316,9 +325,26 @@ impl Store {
         &self,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Result<(), StoreError> {
+        if self.write(changes)? {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The first half of [`Store::commit`]: raises (and syncs) the token
+    /// reservation when the batch needs it, then applies the batch to sled
+    /// atomically, without flushing. Returns whether anything was written.
+    /// The batch is durable only once a [`Store::flush`] that started after
+    /// this returned has returned: the committer overlaps the next batch's
+    /// write with the previous batch's flush this way.
+    pub fn write<'a>(
+        &self,
+        changes: impl IntoIterator<Item = &'a Change>,
+    ) -> Result<bool, StoreError> {
         let mut batch = sled::Batch::default();
         let mut max_token = 0;
         let mut writes = 0usize;
+        let mut trims = self.trims.lock();
         for change in changes {
             match change {
                 Change::Granted(record) => {
@@ -327,7 +353,7 @@ impl Store {
                     if let Some(key) = &record.request_id {
                         batch.insert(request_key(key), encode_request(record));
                     }
-                    self.trim_history(&record.resource, &mut batch)?;
+                    self.trim_history(&mut trims, &record.resource, &mut batch)?;
                     batch.insert(
                         history_key(&record.resource, record.token),
                         encode_history(record, None),
@@ -359,8 +385,9 @@ impl Store {
             }
             writes += 1;
         }
+        drop(trims);
         if writes == 0 {
-            return Ok(());
+            return Ok(false);
         }
         if max_token > 0 {
             let mut reservation = self.reservation.lock();
@@ -370,23 +397,46 @@ impl Store {
             batch.insert(TOKEN_KEY, max_token.to_be_bytes().to_vec());
         }
         self.db.apply_batch(batch).map_err(self.sled_err())?;
-        self.db.flush().map_err(self.sled_err())?;
-        Ok(())
+        Ok(true)
     }
 
-    /// Deletes all but the newest `history_per_resource - 1` entries, making
-    /// room for the one about to be added.
-    fn trim_history(&self, resource: &Resource, batch: &mut sled::Batch) -> Result<(), StoreError> {
-        let keep = self.options.history_per_resource.saturating_sub(1);
-        for item in self
-            .db
-            .scan_prefix(history_prefix(resource))
-            .rev()
-            .skip(keep)
-        {
-            let (k, _) = item.map_err(self.sled_err())?;
+    /// Makes room for one more history entry on `resource`.
+    ///
+    /// History may hold up to twice `history_per_resource` entries on disk
+    /// ([`Store::history`] shows only the newest `history_per_resource`):
+    /// trimming takes a range scan, so it runs once every
+    /// `history_per_resource` grants on a busy resource rather than on every
+    /// grant. `trims` remembers how many entries a resource has (bounded: it
+    /// is cleared when it grows past [`TRIM_CACHE`] resources, and a resource
+    /// it does not know costs one scan).
+    fn trim_history(
+        &self,
+        trims: &mut HashMap<Resource, usize>,
+        resource: &Resource,
+        batch: &mut sled::Batch,
+    ) -> Result<(), StoreError> {
+        let keep = self.options.history_per_resource.max(1);
+        if let Some(count) = trims.get_mut(resource) {
+            if *count < 2 * keep {
+                *count += 1;
+                return Ok(());
+            }
+        }
+        // Unknown or full: scan, and trim to `keep` entries counting the new one.
+        let mut keys = Vec::new();
+        for item in self.db.scan_prefix(history_prefix(resource)).keys() {
+            keys.push(item.map_err(self.sled_err())?);
+        }
+        let remove = (keys.len() + 1).saturating_sub(keep);
+        let after = keys.len() + 1 - remove;
+        // Keys sort by token: the oldest come first.
+        for k in keys.into_iter().take(remove) {
             batch.remove(k);
         }
+        if trims.len() >= TRIM_CACHE {
+            trims.clear();
+        }
+        trims.insert(resource.clone(), after);
         Ok(())
     }
 
@@ -401,7 +451,7 @@ impl Store {
             .db
             .scan_prefix(history_prefix(resource))
             .rev()
-            .take(limit)
+            .take(limit.min(self.options.history_per_resource))
         {
             let (k, v) = item.map_err(self.sled_err())?;
             let token = k
@@ -671,6 +721,24 @@ mod tests {
             .map(|g| g.token.0)
             .collect();
         assert_eq!(tokens, [5, 4, 3]);
+        // Trimming is amortized: the disk holds at most twice the limit.
+        for t in 7..=60 {
+            s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
+            let on_disk =
+                s.db.scan_prefix(history_prefix(&Resource::new("r").unwrap()))
+                    .count();
+            assert!(on_disk <= 6, "{on_disk} history entries after token {t}");
+        }
+        let tokens: Vec<u64> = s
+            .history(&Resource::new("r").unwrap(), 0)
+            .unwrap()
+            .iter()
+            .map(|g| g.token.0)
+            .collect();
+        assert!(tokens.is_empty());
+        let newest = s.history(&Resource::new("r").unwrap(), 100).unwrap();
+        let tokens: Vec<u64> = newest.iter().map(|g| g.token.0).collect();
+        assert_eq!(tokens, [60, 59, 58]);
     }
 
     #[test]
