@@ -3,5 +3,6 @@
 
 mod support;
 
+mod bench;
 mod coordinator;
 mod crash;
