@@ -24,16 +24,16 @@ pub mod keepalive;
 pub mod report;
 pub mod scale;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{self, acquire_response::Outcome};
-pub use report::{Check, Histogram, Report, Tally, Window};
+pub use report::{
+    join_bounded, usage_at_window_start_arc, Check, Histogram, Report, ServerUsage, Tally, Window,
+};
 
 /// The generated client the workloads drive.
 pub type Client = LeaseServiceClient<Channel>;
@@ -158,28 +158,6 @@ pub fn run_tag() -> String {
     hex::encode(b)
 }
 
-/// Waits for every worker until `deadline`; aborts the ones still running
-/// then and counts each as an error in the returned tally.
-pub async fn join_bounded<T: Send + 'static>(
-    handles: Vec<JoinHandle<T>>,
-    deadline: Instant,
-) -> (Vec<T>, Tally) {
-    let mut out = Vec::with_capacity(handles.len());
-    let mut lost = Tally::default();
-    let deadline = tokio::time::Instant::from_std(deadline);
-    for mut h in handles {
-        match tokio::time::timeout_at(deadline, &mut h).await {
-            Ok(Ok(v)) => out.push(v),
-            Ok(Err(e)) => lost.error(format!("a worker failed: {e}")),
-            Err(_) => {
-                h.abort();
-                lost.error("a worker was still waiting on the server at the hard stop");
-            }
-        }
-    }
-    (out, lost)
-}
-
 /// A lease as a worker keeps it.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -231,46 +209,4 @@ pub async fn release(client: &mut Client, lease: Held, timeout: Duration) -> Res
         Ok(Err(status)) => Err(format!("Release: {}: {}", status.code(), status.message())),
         Ok(Ok(r)) => Ok(r.into_inner().released),
     }
-}
-
-/// Server CPU and memory over the measured window, when its pid is known.
-#[derive(Debug, Default)]
-pub struct ServerUsage {
-    pid: Option<u32>,
-    cpu_at_start: Option<Duration>,
-}
-
-impl ServerUsage {
-    /// Samples at the window's start (call it then).
-    pub fn start(pid: Option<u32>) -> Self {
-        ServerUsage {
-            pid,
-            cpu_at_start: pid.and_then(report::process_cpu),
-        }
-    }
-
-    /// Adds `server_cpu_cores` (CPU seconds per second over `measured`) and
-    /// `server_rss_mib` to the report.
-    pub fn finish(&self, measured: Duration, report: &mut Report) {
-        let Some(pid) = self.pid else { return };
-        if let (Some(a), Some(b)) = (self.cpu_at_start, report::process_cpu(pid)) {
-            let cores = (b - a).as_secs_f64() / measured.as_secs_f64().max(1e-9);
-            report
-                .extra
-                .insert("server_cpu_cores".into(), (cores * 1000.0).round() / 1000.0);
-        }
-        if let Some(rss) = report::process_rss(pid) {
-            report.extra.insert(
-                "server_rss_mib".into(),
-                (rss as f64 / 1048576.0 * 10.0).round() / 10.0,
-            );
-        }
-    }
-}
-
-/// Waits until the window's measured interval begins, then samples the
-/// server; spawn it beside the workers.
-pub async fn usage_at_window_start_arc(window: Arc<Window>, pid: Option<u32>) -> ServerUsage {
-    tokio::time::sleep_until(tokio::time::Instant::from_std(window.from)).await;
-    ServerUsage::start(pid)
 }

@@ -1,7 +1,7 @@
 //! What every benchmark shares: the measuring window, the latency histogram
 //! and the report (text and JSON).
 //!
-//! This file depends on `std`, `serde` and `serde_json` only, so the peer
+//! This file depends on `std`, `serde`, `serde_json` and `tokio` only, so the peer
 //! load generators in `bench/peers` (a separate crate, for etcd and
 //! ZooKeeper) include it by path and print exactly the same report; that is
 //! what lets `bench/compare.sh` put all three systems in one table.
@@ -9,9 +9,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 
 /// Sub-buckets per power of two: 64 gives a relative error under 1.6 %.
 const SUB_BITS: u32 = 6;
@@ -442,6 +444,70 @@ pub fn process_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Waits for every worker until `deadline`; aborts the ones still running
+/// then and counts each as an error in the returned tally.
+pub async fn join_bounded<T: Send + 'static>(
+    handles: Vec<JoinHandle<T>>,
+    deadline: Instant,
+) -> (Vec<T>, Tally) {
+    let mut out = Vec::with_capacity(handles.len());
+    let mut lost = Tally::default();
+    let deadline = tokio::time::Instant::from_std(deadline);
+    for mut h in handles {
+        match tokio::time::timeout_at(deadline, &mut h).await {
+            Ok(Ok(v)) => out.push(v),
+            Ok(Err(e)) => lost.error(format!("a worker failed: {e}")),
+            Err(_) => {
+                h.abort();
+                lost.error("a worker was still waiting on the server at the hard stop");
+            }
+        }
+    }
+    (out, lost)
+}
+
+/// Server CPU and memory over the measured window, when its pid is known.
+#[derive(Debug, Default)]
+pub struct ServerUsage {
+    pid: Option<u32>,
+    cpu_at_start: Option<Duration>,
+}
+
+impl ServerUsage {
+    /// Samples at the window's start (call it then).
+    pub fn start(pid: Option<u32>) -> Self {
+        ServerUsage {
+            pid,
+            cpu_at_start: pid.and_then(process_cpu),
+        }
+    }
+
+    /// Adds `server_cpu_cores` (CPU seconds per second over `measured`) and
+    /// `server_rss_mib` to the report.
+    pub fn finish(&self, measured: Duration, report: &mut Report) {
+        let Some(pid) = self.pid else { return };
+        if let (Some(a), Some(b)) = (self.cpu_at_start, process_cpu(pid)) {
+            let cores = (b - a).as_secs_f64() / measured.as_secs_f64().max(1e-9);
+            report
+                .extra
+                .insert("server_cpu_cores".into(), (cores * 1000.0).round() / 1000.0);
+        }
+        if let Some(rss) = process_rss(pid) {
+            report.extra.insert(
+                "server_rss_mib".into(),
+                (rss as f64 / 1048576.0 * 10.0).round() / 10.0,
+            );
+        }
+    }
+}
+
+/// Waits until the window's measured interval begins, then samples the
+/// server; spawn it beside the workers.
+pub async fn usage_at_window_start_arc(window: Arc<Window>, pid: Option<u32>) -> ServerUsage {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(window.from)).await;
+    ServerUsage::start(pid)
 }
 
 #[cfg(test)]

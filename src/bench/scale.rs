@@ -74,8 +74,17 @@ pub async fn take_leases(
     (leases, tally)
 }
 
+/// What `fill` did: its report, and where the leases are.
+#[derive(Debug)]
+pub struct Filled {
+    /// Rate, latency, and the `all-granted` check.
+    pub report: Report,
+    /// The leases are `{prefix}/0` .. `{prefix}/{count - 1}`.
+    pub prefix: String,
+}
+
 /// Takes `count` leases and keeps them; `opts.duration` bounds the run.
-pub async fn fill(opts: &Options, count: usize) -> Result<Report, BenchError> {
+pub async fn fill(opts: &Options, count: usize) -> Result<Filled, BenchError> {
     opts.check()?;
     let clients = opts.connect().await?;
     let prefix = format!("bench/fill/{}", run_tag());
@@ -109,7 +118,7 @@ pub async fn fill(opts: &Options, count: usize) -> Result<Report, BenchError> {
     )];
     report.extra.insert("leases_held".into(), held as f64);
     usage.finish(took, &mut report);
-    Ok(report)
+    Ok(Filled { report, prefix })
 }
 
 /// Polls Describe on `resource` until the server answers (and says it is

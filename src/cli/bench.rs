@@ -164,7 +164,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             let mut opts = common.options();
             // A fill is bounded by its count; the duration only caps it.
             opts.duration = opts.duration.max(Duration::from_secs(600));
-            (bench::scale::fill(&opts, leases).await?, common.json)
+            let filled = bench::scale::fill(&opts, leases).await?;
+            if !common.json {
+                println!(
+                    "leases held: {}/0 .. {}/{}",
+                    filled.prefix,
+                    filled.prefix,
+                    leases.saturating_sub(1)
+                );
+            }
+            (filled.report, common.json)
         }
         Workload::Ready {
             resource,
