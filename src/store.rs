@@ -12,9 +12,7 @@
 //!
 //! # Durability
 //! [`Store::commit`] writes a whole batch of changes with one atomic sled
-//! batch and one `flush()` (the committer calls its two halves,
-//! [`Store::write`] and [`Store::flush`], from two threads so that one
-//! batch's write overlaps the previous batch's flush); before that, if the batch holds a token above the
+//! batch and one `flush()`; before that, if the batch holds a token above the
 //! reservation, it raises the reservation by [`RESERVATION_BLOCK`] and
 //! `fdatasync`s the file. So:
 //!
@@ -335,8 +333,7 @@ impl Store {
     /// reservation when the batch needs it, then applies the batch to sled
     /// atomically, without flushing. Returns whether anything was written.
     /// The batch is durable only once a [`Store::flush`] that started after
-    /// this returned has returned: the committer overlaps the next batch's
-    /// write with the previous batch's flush this way.
+    /// this returned has returned.
     pub fn write<'a>(
         &self,
         changes: impl IntoIterator<Item = &'a Change>,
