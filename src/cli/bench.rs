@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use std::io::Write;
+
 use clap::{Args, Subcommand};
 
 use crate::bench::contended::ContendedOptions;
@@ -184,10 +186,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             common.json,
         ),
     };
-    if json {
-        println!("{}", report.to_json());
+    // A closed stdout (`| head`) is not worth a panic: the exit code still tells.
+    let mut out = std::io::stdout().lock();
+    let _ = if json {
+        writeln!(out, "{}", report.to_json())
     } else {
-        print!("{report}");
-    }
+        write!(out, "{report}")
+    };
     Ok(if report.passed() { 0 } else { 1 })
 }
