@@ -4,7 +4,7 @@
 //! the resulting [`Job`] to the [`Committer`]; so jobs reach the disk in the
 //! order the state machine produced them. The committer thread takes the
 //! first job, drains every job that queued up meanwhile, writes them all with
-//! one [`Store::commit`] (one atomic sled batch, one `flush()`, and an
+//! one [`Store::commit`] (the changes in order, one `flush()`, and an
 //! `fdatasync` of the token reservation when it must grow), and only then
 //! runs each job's replies. A grant is therefore never answered before it is
 //! durable, and concurrent grants share one flush: the busier the server, the
