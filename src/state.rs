@@ -297,7 +297,9 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct LeaseTable {
     limits: Limits,
-    leases: HashMap<LeaseId, Live>,
+    /// Boxed: the map's buckets stay small (a hash map of a million leases
+    /// keeps about two million buckets), and each lease is one allocation.
+    leases: HashMap<LeaseId, Box<Live>>,
     held: BTreeMap<Resource, LeaseId>,
     queues: HashMap<Resource, VecDeque<Waiter>>,
     waiting: HashMap<WaiterId, Resource>,
@@ -771,12 +773,12 @@ impl LeaseTable {
         self.deadlines.push(Reverse((expires_at, id)));
         self.leases.insert(
             id,
-            Live {
+            Box::new(Live {
                 record,
                 expires_at,
                 queued_at: expires_at,
                 renewals: 0,
-            },
+            }),
         );
     }
 
