@@ -9,7 +9,8 @@
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
-//! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services.
+//! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
+//!   [`fenced_kv`]: a small fenced key-value service built from them.
 //! - [`cli`]: the `leasehold` command line.
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
@@ -17,6 +18,7 @@
 pub mod cli;
 pub mod commit;
 pub mod coordinator;
+pub mod fenced_kv;
 pub mod fencing;
 pub mod guard;
 pub mod idempotency;

@@ -5,3 +5,4 @@ mod support;
 
 mod coordinator;
 mod crash;
+mod fenced_store;
