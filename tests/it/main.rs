@@ -3,5 +3,6 @@
 
 mod support;
 
+mod client;
 mod coordinator;
 mod crash;
