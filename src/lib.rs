@@ -9,6 +9,7 @@
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
+//! - [`client`]: the worker's library: acquire, keepalive, safe retries.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
 //!   [`fenced_kv`]: a small fenced key-value service built from them.
 //! - [`cli`]: the `leasehold` command line.
@@ -16,6 +17,7 @@
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
 
 pub mod cli;
+pub mod client;
 pub mod commit;
 pub mod coordinator;
 pub mod fenced_kv;

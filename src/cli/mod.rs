@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub mod acquire;
 pub mod common;
 pub mod serve;
 
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator.
     Serve(serve::ServeArgs),
+    /// Take a lease; run COMMAND under it, or print it.
+    Acquire(acquire::AcquireArgs),
 }
 
 /// Parses a human duration (`30s`, `1m`, `250ms`).
@@ -32,5 +35,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Acquire(args) => acquire::run(args).await,
     }
 }

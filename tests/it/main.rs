@@ -3,6 +3,7 @@
 
 mod support;
 
+mod client;
 mod coordinator;
 mod crash;
 mod fenced_store;

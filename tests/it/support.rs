@@ -41,9 +41,11 @@ impl TestServer {
     }
 
     async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_at(dir, config, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    async fn start_at(dir: Arc<TempDir>, config: Config, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let server_config = ServerConfig {
@@ -91,6 +93,16 @@ impl TestServer {
     pub async fn restart(&mut self) {
         self.stop().await;
         let next = Self::start_in(self.dir.clone(), self.config.clone()).await;
+        *self = next;
+    }
+}
+
+impl TestServer {
+    /// Stops and starts again on the same data directory and the same port,
+    /// so clients reconnect to it by themselves.
+    pub async fn restart_same_port(&mut self) {
+        self.stop().await;
+        let next = Self::start_at(self.dir.clone(), self.config.clone(), self.addr).await;
         *self = next;
     }
 }
@@ -218,5 +230,83 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A loopback TCP proxy that can lose replies: for testing retries.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let swallow = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (sw, conns, cut_tx) = (swallow.clone(), connections.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let sw = sw.clone();
+                let mut cut_rx = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw_half) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw_half);
+                    let down = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = sr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !sw.load(Ordering::SeqCst) {
+                                cw.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            swallow,
+            cut,
+            connections,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on the server's bytes are dropped; after `after`, every
+    /// open connection is cut and the proxy forwards normally again.
+    pub fn lose_replies_then_cut(&self, after: Duration) {
+        use std::sync::atomic::Ordering;
+        self.swallow.store(true, Ordering::SeqCst);
+        let (swallow, cut) = (self.swallow.clone(), self.cut.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            swallow.store(false, Ordering::SeqCst);
+            cut.send_modify(|g| *g += 1);
+        });
     }
 }
