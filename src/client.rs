@@ -65,6 +65,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::fencing::{Fence, FenceError};
 use crate::proto::{self, acquire_response::Outcome, lease_service_client::LeaseServiceClient};
 
 /// Why a client call failed.
@@ -527,6 +528,16 @@ impl LeaseHandle {
         self.shared.valid_for()
     }
 
+    /// The (resource, token) pair storage checks; see [`crate::fencing`].
+    pub fn fence(&self) -> Result<Fence, FenceError> {
+        Fence::new(self.shared.resource.clone(), self.shared.token)
+    }
+
+    /// Attaches this lease's fence to an outgoing gRPC request.
+    pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
+        crate::fencing::attach(req, &self.shared.resource, self.shared.token)
+    }
+
     /// Resolves when the lease is lost.
     pub async fn lost(&self) -> LostReason {
         let mut rx = self.shared.lost.subscribe();
@@ -607,6 +618,17 @@ impl Lease {
     /// no renewal was confirmed before its conservative validity ran out.
     pub async fn lost(&self) -> LostReason {
         self.handle().lost().await
+    }
+
+    /// The (resource, token) pair storage checks; see [`crate::fencing`].
+    pub fn fence(&self) -> Result<Fence, FenceError> {
+        self.handle().fence()
+    }
+
+    /// Attaches this lease's fence to an outgoing gRPC request, so a
+    /// fenced service can reject it if a newer lease has written since.
+    pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
+        self.handle().attach(req)
     }
 
     /// A cloneable view for tasks that need the token or the loss signal.

@@ -7,3 +7,4 @@ mod client;
 mod coordinator;
 mod crash;
 mod fenced_store;
+mod kleppmann;

@@ -185,10 +185,16 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
+        let dir = data_dir.to_str().expect("utf-8 temp dir");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        Self::spawn_program(&binary(), &args)
+    }
+
+    /// Spawns any program that prints `listening on ADDR` as its first line.
+    pub fn spawn_program(program: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
