@@ -684,8 +684,10 @@ impl LeaseTable {
             if live.queued_at != at {
                 continue; // superseded by an earlier entry for the same lease
             }
-            if live.expires_at > now.mono {
-                // Renewed since this entry was queued: queue its real deadline.
+            if live.expires_at > at {
+                // Renewed since this entry was queued: queue its real
+                // deadline. If that has passed too, it comes round again in
+                // this loop, so leases always end in deadline order.
                 live.queued_at = live.expires_at;
                 self.deadlines.push(Reverse((live.expires_at, id)));
                 continue;
