@@ -8,12 +8,17 @@
 //! - [`commit`]: group commit; one thread, one flush per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
+//! - [`admin`]: the operator API (list, revoke, watch, history, stats).
+//! - [`auth`]: the admin bearer token, checked in constant time.
+//! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services.
 //! - [`cli`]: the `leasehold` command line.
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
 
+pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod commit;
 pub mod coordinator;
@@ -25,6 +30,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 /// Generated gRPC types for `leasehold.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -6,6 +6,14 @@
 //! `grpc.health.v1` (SERVING while up, NOT_SERVING while shutting down) and
 //! gRPC reflection, so `grpcurl` works without the proto files.
 //!
+//! The admin service sits behind [`AdminGate`] (see [`crate::auth`]); with
+//! [`ServerConfig::tls`] every connection is TLS (mutual with a client CA).
+//! [`Limits`] bound what one client can make the server hold: the size of a
+//! message (a larger one is refused with RESOURCE_EXHAUSTED) and the streams
+//! open at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`:
+//! a well-behaved client waits for a free stream; one that does not is
+//! refused the stream).
+//!
 //! Shutdown: when `shutdown` resolves, the coordinator stops taking new
 //! Acquires, waiters and keepalive streams end, tonic stops accepting and
 //! finishes the calls in flight, and finally the committer writes what is
@@ -18,18 +26,52 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
+use tonic::codegen::http;
+use tonic::service::interceptor::InterceptedService;
+use tonic::Status;
+
+use crate::admin::AdminApi;
+use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
 use crate::service::LeaseApi;
 use crate::store::StoreError;
+use crate::tls::{ServerTlsFiles, TlsError};
 
 /// Everything `leasehold serve` needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
     /// Where the store lives.
     pub data_dir: PathBuf,
     /// The coordinator's configuration.
     pub coordinator: Config,
+    /// TLS (and mutual TLS) material; `None` serves plain HTTP/2.
+    pub tls: Option<ServerTlsFiles>,
+    /// The token admin calls must present; `None`: see `insecure_admin`.
+    pub admin_token: Option<AdminToken>,
+    /// Serve the admin API without a token even on a non-loopback address.
+    pub insecure_admin: bool,
+    /// Transport limits.
+    pub limits: Limits,
+}
+
+/// Limits on what one client can make the transport hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most streams (calls) open at once on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_streams_per_connection: 1024,
+        }
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -41,6 +83,9 @@ pub enum ServerError {
     /// gRPC reflection could not be set up (a build problem).
     #[error("gRPC reflection could not be set up: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The transport failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -60,7 +105,22 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving");
+    let gate = admin_gate(&config, addr);
+    tracing::info!(?addr, tls = config.tls.is_some(), "serving");
+
+    let mut builder =
+        Server::builder().max_concurrent_streams(config.limits.max_streams_per_connection);
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.load()?)?;
+    }
+    let max_bytes = config.limits.max_message_bytes;
+    let lease_service = LeaseServiceServer::new(LeaseApi::new(coordinator.clone()))
+        .max_decoding_message_size(max_bytes);
+    let admin_service = InterceptedService::new(
+        AdminServiceServer::new(AdminApi::new(coordinator.clone()))
+            .max_decoding_message_size(max_bytes),
+        gate,
+    );
 
     let stopping = coordinator.shutdown_token();
     let on_shutdown = {
@@ -75,13 +135,66 @@ pub async fn run(
             stopping.cancel();
         }
     };
-    let result = Server::builder()
+    let result = builder
+        .layer(tower::util::MapResponseLayer::new(
+            move |res: http::Response<tonic::body::Body>| too_large_is_exhausted(res, max_bytes),
+        ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(LeaseServiceServer::new(LeaseApi::new(coordinator.clone())))
+        .add_service(lease_service)
+        .add_service(admin_service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
         .await;
     coordinator.shutdown();
     tracing::info!("stopped");
     result.map_err(ServerError::from)
+}
+
+/// Decides who may use the admin API, and says so in the log.
+fn admin_gate(config: &ServerConfig, addr: Option<std::net::SocketAddr>) -> AdminGate {
+    let loopback = addr.is_some_and(|a| a.ip().is_loopback());
+    match &config.admin_token {
+        Some(token) => AdminGate::Token(token.clone()),
+        None if loopback => AdminGate::Open,
+        None if config.insecure_admin => {
+            tracing::warn!(
+                ?addr,
+                "the admin API is open to anyone who can connect (--insecure-admin without --admin-token-file)"
+            );
+            AdminGate::Open
+        }
+        None => {
+            let addr = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+            tracing::warn!(
+                %addr,
+                "the admin API is disabled: no --admin-token-file on a non-loopback address; \
+                 pass --admin-token-file PATH (or --insecure-admin) to enable it"
+            );
+            AdminGate::Closed { addr }
+        }
+    }
+}
+
+/// tonic refuses an oversized message with OUT_OF_RANGE; gRPC's convention
+/// (and our contract) is RESOURCE_EXHAUSTED, with a message naming the limit.
+/// Only the trailers-only answers tonic gives before calling a handler are
+/// rewritten; no handler of ours answers OUT_OF_RANGE.
+fn too_large_is_exhausted(
+    mut res: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    let headers = res.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .is_some_and(|m| m.as_bytes().windows(9).any(|w| w == b"too large"));
+    if too_large {
+        let status = Status::resource_exhausted(format!(
+            "the request message is larger than this server's limit of {limit} bytes \
+             (serve --max-message-bytes); send smaller requests"
+        ));
+        headers.remove("grpc-message");
+        let _ = status.add_header(headers);
+    }
+    res
 }

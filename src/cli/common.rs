@@ -7,7 +7,11 @@ use tonic::transport::{Channel, Endpoint};
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
     /// The coordinator's URL.
-    #[arg(long, default_value = "http://127.0.0.1:7420", env = "LEASEHOLD_SERVER")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7420",
+        env = "LEASEHOLD_SERVER"
+    )]
     pub server: String,
 }
 

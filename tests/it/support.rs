@@ -49,6 +49,7 @@ impl TestServer {
         let server_config = ServerConfig {
             data_dir: dir.path().to_owned(),
             coordinator: config.clone(),
+            ..ServerConfig::default()
         };
         let task = tokio::spawn(async move {
             server::run(listener, server_config, async {
