@@ -177,17 +177,20 @@ fn admin_gate(config: &ServerConfig, addr: Option<std::net::SocketAddr>) -> Admi
 
 /// tonic refuses an oversized message with OUT_OF_RANGE; gRPC's convention
 /// (and our contract) is RESOURCE_EXHAUSTED, with a message naming the limit.
-/// Only the trailers-only answers tonic gives before calling a handler are
-/// rewritten; no handler of ours answers OUT_OF_RANGE.
+/// The status travels in the headers (trailers-only answers) or in the
+/// trailers, so both are rewritten. No handler of ours answers OUT_OF_RANGE,
+/// so only tonic's own refusal matches.
 fn too_large_is_exhausted(
     mut res: http::Response<tonic::body::Body>,
     limit: usize,
 ) -> http::Response<tonic::body::Body> {
-    let headers = res.headers_mut();
-    let too_large = headers.get("grpc-status").is_some_and(|v| v == "11")
-        && headers
-            .get("grpc-message")
-            .is_some_and(|m| m.as_bytes().windows(9).any(|w| w == b"too large"));
+    rewrite_too_large(res.headers_mut(), limit);
+    res.map(|inner| tonic::body::Body::new(TooLargeTrailers { inner, limit }))
+}
+
+fn rewrite_too_large(headers: &mut http::HeaderMap, limit: usize) {
+    let too_large = Status::from_header_map(headers)
+        .is_some_and(|s| s.code() == tonic::Code::OutOfRange && s.message().contains("too large"));
     if too_large {
         let status = Status::resource_exhausted(format!(
             "the request message is larger than this server's limit of {limit} bytes \
@@ -196,5 +199,66 @@ fn too_large_is_exhausted(
         headers.remove("grpc-message");
         let _ = status.add_header(headers);
     }
-    res
+}
+
+/// A response body whose trailers go through [`rewrite_too_large`].
+struct TooLargeTrailers {
+    inner: tonic::body::Body,
+    limit: usize,
+}
+
+impl http_body::Body for TooLargeTrailers {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let limit = self.limit;
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_ok(|mut frame| {
+                if let Some(trailers) = frame.trailers_mut() {
+                    rewrite_too_large(trailers, limit);
+                }
+                frame
+            })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_gate_table() {
+        let token = AdminToken::new("t", "test").unwrap();
+        let public: std::net::SocketAddr = "192.0.2.1:7420".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:7420".parse().unwrap();
+        let config = |admin_token: Option<AdminToken>, insecure_admin| ServerConfig {
+            admin_token,
+            insecure_admin,
+            ..ServerConfig::default()
+        };
+        let cases = [
+            (config(None, false), local, "Open"),
+            (config(None, false), public, "Closed"),
+            (config(None, true), public, "Open"),
+            (config(Some(token.clone()), false), public, "Token"),
+            (config(Some(token), true), local, "Token"),
+        ];
+        for (config, addr, want) in cases {
+            let gate = format!("{:?}", admin_gate(&config, Some(addr)));
+            assert!(gate.starts_with(want), "{addr} {config:?}: {gate}");
+        }
+    }
 }

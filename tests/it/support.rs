@@ -10,7 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use leasehold::auth::{AdminToken, BearerAuth};
+use leasehold::cli::common::AdminClient;
 use leasehold::coordinator::Config;
+use leasehold::proto::admin_service_client::AdminServiceClient;
 use leasehold::proto::lease_service_client::LeaseServiceClient;
 use leasehold::proto::{self, acquire_response::Outcome};
 use leasehold::server::{self, ServerConfig};
@@ -26,6 +29,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: Arc<TempDir>,
     pub config: Config,
+    /// Server options besides the coordinator's (TLS, admin token, limits).
+    pub options: ServerConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -40,7 +45,18 @@ impl TestServer {
         Self::start_in(dir, config).await
     }
 
+    /// A server with these options (their `data_dir` and `coordinator` are
+    /// replaced by a temp dir and `config`).
+    pub async fn start_with_options(config: Config, options: ServerConfig) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in_with(dir, config, options).await
+    }
+
     async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
+        Self::start_in_with(dir, config, ServerConfig::default()).await
+    }
+
+    async fn start_in_with(dir: Arc<TempDir>, config: Config, options: ServerConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -49,7 +65,7 @@ impl TestServer {
         let server_config = ServerConfig {
             data_dir: dir.path().to_owned(),
             coordinator: config.clone(),
-            ..ServerConfig::default()
+            ..options.clone()
         };
         let task = tokio::spawn(async move {
             server::run(listener, server_config, async {
@@ -62,6 +78,7 @@ impl TestServer {
             addr,
             dir,
             config,
+            options,
             stop: Some(stop),
             task: Some(task),
         }
@@ -73,6 +90,16 @@ impl TestServer {
 
     pub async fn client(&self) -> Client {
         connect(&self.url()).await
+    }
+
+    /// An admin client without a token (fine on loopback without one).
+    pub async fn admin(&self) -> AdminClient {
+        admin_client(&self.url(), None).await
+    }
+
+    /// An admin client that sends `token`.
+    pub async fn admin_with(&self, token: &str) -> AdminClient {
+        admin_client(&self.url(), Some(token)).await
     }
 
     /// Graceful stop: waits for the server to finish and flush.
@@ -91,7 +118,8 @@ impl TestServer {
     /// Stops and starts again on the same data directory (new port).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let next = Self::start_in(self.dir.clone(), self.config.clone()).await;
+        let next =
+            Self::start_in_with(self.dir.clone(), self.config.clone(), self.options.clone()).await;
         *self = next;
     }
 }
@@ -112,6 +140,31 @@ pub async fn connect(url: &str) -> Client {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("could not connect to {url}");
+}
+
+/// A channel to `url`, retried briefly while the server starts.
+pub async fn channel(url: &str) -> Channel {
+    for _ in 0..100 {
+        if let Ok(c) = Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not connect to {url}");
+}
+
+/// An admin client over `channel`, sending `token` if given.
+pub fn admin_over(channel: Channel, token: Option<&str>) -> AdminClient {
+    let token = token.map(|t| AdminToken::new(t, "test").expect("valid token"));
+    AdminServiceClient::with_interceptor(channel, BearerAuth::new(token.as_ref()))
+}
+
+pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
+    admin_over(channel(url).await, token)
 }
 
 pub fn acquire_req(resource: &str, holder: &str, ttl_ms: u64) -> proto::AcquireRequest {
