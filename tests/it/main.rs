@@ -6,3 +6,4 @@ mod support;
 mod admin;
 mod coordinator;
 mod crash;
+mod tls;

@@ -274,3 +274,48 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// What a `leasehold` CLI run printed and returned.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The `leasehold` binary with `args`, no stdin, and none of the caller's
+/// `LEASEHOLD_*` variables except `envs`; killed after 10 s.
+pub fn cli_command(args: &[&str], envs: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for var in [
+        "LEASEHOLD_SERVER",
+        "LEASEHOLD_ADMIN_TOKEN",
+        "LEASEHOLD_ADMIN_TOKEN_FILE",
+        "LEASEHOLD_CA_CERT",
+        "LEASEHOLD_CLIENT_CERT",
+        "LEASEHOLD_CLIENT_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(envs.iter().copied());
+    cmd
+}
+
+/// Runs the CLI to completion (see [`cli_command`]).
+pub async fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> CliOutput {
+    let out = tokio::time::timeout(Duration::from_secs(10), cli_command(args, envs).output())
+        .await
+        .unwrap_or_else(|_| panic!("leasehold {args:?} took more than 10 s"))
+        .expect("run leasehold");
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
