@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod admin_cli;
 mod coordinator;
 mod crash;
 mod tls;
