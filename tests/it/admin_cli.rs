@@ -307,7 +307,9 @@ async fn admin_cli_sends_the_admin_token_from_a_file_or_the_environment() {
     let bad = bad.to_str().unwrap();
 
     let refused = "the server refused the admin token (UNAUTHENTICATED): check --admin-token-file / LEASEHOLD_ADMIN_TOKEN";
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, i32)> = vec![
+    // (arguments, environment, expected exit code)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, i32);
+    let cases: Vec<Case> = vec![
         (vec!["status"], vec![], 5),
         (vec!["status", "--admin-token-file", bad], vec![], 5),
         (vec!["status"], vec![("LEASEHOLD_ADMIN_TOKEN", "wrong")], 5),
