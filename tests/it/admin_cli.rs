@@ -348,3 +348,52 @@ async fn admin_cli_sends_the_admin_token_from_a_file_or_the_environment() {
         "{out:?}"
     );
 }
+
+/// Runs `leasehold args…` on a pseudo-terminal (util-linux `script`), typing `input`.
+async fn run_on_terminal(args: &[&str], input: &str) -> CliOutput {
+    use tokio::io::AsyncWriteExt;
+    let command = std::iter::once(binary().display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = tokio::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("RUST_LOG", "warn")
+        .env_remove("LEASEHOLD_ADMIN_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("util-linux `script` runs the CLI on a terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the CLI on a terminal took more than 10 s")
+        .unwrap();
+    drop(stdin);
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test]
+async fn admin_cli_revoke_asks_on_a_terminal() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let mut c = server.client().await;
+    let a = grant(&mut c, acquire_req("r", "alice", 10_000)).await;
+    let args = ["leases", "revoke", "r", "--server", &url];
+    let out = run_on_terminal(&args, "n\n").await;
+    let question = format!("revoke lease on r held by alice (token {})? [y/N]", a.token);
+    assert!(out.stdout.contains(&question), "{out:?}");
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(describe(&mut c, "r").await.held);
+    let out = run_on_terminal(&args, "y\n").await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("revoked r (holder alice"), "{out:?}");
+    assert!(!describe(&mut c, "r").await.held);
+}
