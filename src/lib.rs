@@ -8,6 +8,9 @@
 //! - [`commit`]: group commit; one thread, one flush per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
+//! - [`admin`]: the operator API (list, revoke, watch, history, stats).
+//! - [`auth`]: the admin bearer token, checked in constant time.
+//! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
 //! - [`client`]: the worker's library: acquire, keepalive, safe retries.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
@@ -16,6 +19,8 @@
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
 
+pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod commit;
@@ -29,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 /// Generated gRPC types for `leasehold.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -3,8 +3,11 @@
 
 mod support;
 
+mod admin;
+mod admin_cli;
 mod client;
 mod coordinator;
 mod crash;
 mod fenced_store;
 mod kleppmann;
+mod tls;

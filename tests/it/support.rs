@@ -10,7 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use leasehold::auth::{AdminToken, BearerAuth};
+use leasehold::cli::common::AdminClient;
 use leasehold::coordinator::Config;
+use leasehold::proto::admin_service_client::AdminServiceClient;
 use leasehold::proto::lease_service_client::LeaseServiceClient;
 use leasehold::proto::{self, acquire_response::Outcome};
 use leasehold::server::{self, ServerConfig};
@@ -26,6 +29,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: Arc<TempDir>,
     pub config: Config,
+    /// Server options besides the coordinator's (TLS, admin token, limits).
+    pub options: ServerConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -40,17 +45,36 @@ impl TestServer {
         Self::start_in(dir, config).await
     }
 
-    async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
-        Self::start_at(dir, config, "127.0.0.1:0".parse().expect("addr")).await
+    /// A server with these options (their `data_dir` and `coordinator` are
+    /// replaced by a temp dir and `config`).
+    pub async fn start_with_options(config: Config, options: ServerConfig) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in_with(dir, config, options, "127.0.0.1:0".parse().expect("addr")).await
     }
 
-    async fn start_at(dir: Arc<TempDir>, config: Config, addr: SocketAddr) -> Self {
+    async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
+        Self::start_in_with(
+            dir,
+            config,
+            ServerConfig::default(),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+    }
+
+    async fn start_in_with(
+        dir: Arc<TempDir>,
+        config: Config,
+        options: ServerConfig,
+        addr: SocketAddr,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let server_config = ServerConfig {
             data_dir: dir.path().to_owned(),
             coordinator: config.clone(),
+            ..options.clone()
         };
         let task = tokio::spawn(async move {
             server::run(listener, server_config, async {
@@ -63,6 +87,7 @@ impl TestServer {
             addr,
             dir,
             config,
+            options,
             stop: Some(stop),
             task: Some(task),
         }
@@ -74,6 +99,16 @@ impl TestServer {
 
     pub async fn client(&self) -> Client {
         connect(&self.url()).await
+    }
+
+    /// An admin client without a token (fine on loopback without one).
+    pub async fn admin(&self) -> AdminClient {
+        admin_client(&self.url(), None).await
+    }
+
+    /// An admin client that sends `token`.
+    pub async fn admin_with(&self, token: &str) -> AdminClient {
+        admin_client(&self.url(), Some(token)).await
     }
 
     /// Graceful stop: waits for the server to finish and flush.
@@ -92,7 +127,13 @@ impl TestServer {
     /// Stops and starts again on the same data directory (new port).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let next = Self::start_in(self.dir.clone(), self.config.clone()).await;
+        let next = Self::start_in_with(
+            self.dir.clone(),
+            self.config.clone(),
+            self.options.clone(),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await;
         *self = next;
     }
 }
@@ -102,7 +143,13 @@ impl TestServer {
     /// so clients reconnect to it by themselves.
     pub async fn restart_same_port(&mut self) {
         self.stop().await;
-        let next = Self::start_at(self.dir.clone(), self.config.clone(), self.addr).await;
+        let next = Self::start_in_with(
+            self.dir.clone(),
+            self.config.clone(),
+            self.options.clone(),
+            self.addr,
+        )
+        .await;
         *self = next;
     }
 }
@@ -123,6 +170,31 @@ pub async fn connect(url: &str) -> Client {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("could not connect to {url}");
+}
+
+/// A channel to `url`, retried briefly while the server starts.
+pub async fn channel(url: &str) -> Channel {
+    for _ in 0..100 {
+        if let Ok(c) = Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not connect to {url}");
+}
+
+/// An admin client over `channel`, sending `token` if given.
+pub fn admin_over(channel: Channel, token: Option<&str>) -> AdminClient {
+    let token = token.map(|t| AdminToken::new(t, "test").expect("valid token"));
+    AdminServiceClient::with_interceptor(channel, BearerAuth::new(token.as_ref()))
+}
+
+pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
+    admin_over(channel(url).await, token)
 }
 
 pub fn acquire_req(resource: &str, holder: &str, ttl_ms: u64) -> proto::AcquireRequest {
@@ -314,5 +386,50 @@ impl Proxy {
             swallow.store(false, Ordering::SeqCst);
             cut.send_modify(|g| *g += 1);
         });
+    }
+}
+
+/// What a `leasehold` CLI run printed and returned.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The `leasehold` binary with `args`, no stdin, and none of the caller's
+/// `LEASEHOLD_*` variables except `envs`; killed after 10 s.
+pub fn cli_command(args: &[&str], envs: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for var in [
+        "LEASEHOLD_SERVER",
+        "LEASEHOLD_ADMIN_TOKEN",
+        "LEASEHOLD_ADMIN_TOKEN_FILE",
+        "LEASEHOLD_CA_CERT",
+        "LEASEHOLD_CLIENT_CERT",
+        "LEASEHOLD_CLIENT_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(envs.iter().copied());
+    cmd
+}
+
+/// Runs the CLI to completion (see [`cli_command`]).
+pub async fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> CliOutput {
+    let out = tokio::time::timeout(Duration::from_secs(10), cli_command(args, envs).output())
+        .await
+        .unwrap_or_else(|_| panic!("leasehold {args:?} took more than 10 s"))
+        .expect("run leasehold");
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
