@@ -10,4 +10,5 @@ mod coordinator;
 mod crash;
 mod fenced_store;
 mod kleppmann;
+mod model;
 mod tls;
