@@ -97,7 +97,26 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let coordinator = Coordinator::open(&config.data_dir, config.coordinator.clone())?;
+    let coordinator = open(&config)?;
+    serve(listener, config, coordinator, shutdown).await
+}
+
+/// Opens the store and restores the lease table: everything that can fail
+/// because of the data directory, before the server announces itself.
+pub fn open(config: &ServerConfig) -> Result<Coordinator, ServerError> {
+    Ok(Coordinator::open(
+        &config.data_dir,
+        config.coordinator.clone(),
+    )?)
+}
+
+/// Serves an opened coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    coordinator: Coordinator,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

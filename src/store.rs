@@ -40,6 +40,9 @@ use crate::state::{Change, LeaseRecord, RequestRecord};
 /// a crash skips at most this many tokens; one `fdatasync` covers this many grants.
 pub const RESERVATION_BLOCK: u64 = 65_536;
 
+/// How often a failed database is reopened, at most.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(200);
+
 const RESERVATION_CHECK: u64 = 0x4c45_4153_4548_4f4c; // "LEASEHOL"
 const TOKEN_KEY: &[u8] = b"Mtoken";
 
@@ -218,7 +221,11 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// The persistent side of the coordinator. See the module docs.
 #[derive(Debug)]
 pub struct Store {
-    db: sled::Db,
+    /// `None` only while being reopened after an I/O error.
+    db: parking_lot::Mutex<Option<sled::Db>>,
+    /// Set by an I/O error; the next commit reopens the database.
+    broken: std::sync::atomic::AtomicBool,
+    last_reopen: parking_lot::Mutex<Option<std::time::Instant>>,
     db_path: PathBuf,
     /// Only the committer thread writes; the lock keeps `&self` methods safe.
     reservation: parking_lot::Mutex<Reservation>,
@@ -236,17 +243,11 @@ impl Store {
         let db_path = dir.join("db");
         let db_existed = db_path.exists();
         let reservation = Reservation::open(dir.join("tokens"), db_existed)?;
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(options.cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|source| StoreError::Sled {
-                path: db_path.clone(),
-                source,
-            })?;
+        let db = open_sled(&db_path, &options)?;
         Ok(Store {
-            db,
+            db: parking_lot::Mutex::new(Some(db)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            last_reopen: parking_lot::Mutex::new(None),
             db_path,
             reservation: parking_lot::Mutex::new(reservation),
             options,
@@ -254,10 +255,55 @@ impl Store {
     }
 
     fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
-        move |source| StoreError::Sled {
-            path: self.db_path.clone(),
-            source,
+        move |source| {
+            // sled 0.34 keeps failing after an I/O error (its error is
+            // sticky), so the next commit reopens the database.
+            if matches!(source, sled::Error::Io(_)) {
+                self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            StoreError::Sled {
+                path: self.db_path.clone(),
+                source,
+            }
         }
+    }
+
+    /// A handle to the open database.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.lock().clone().ok_or_else(|| StoreError::Sled {
+            path: self.db_path.clone(),
+            source: sled::Error::Unsupported(
+                "the database is being reopened after an I/O error".into(),
+            ),
+        })
+    }
+
+    /// Reopens the database after an I/O error, so the server recovers by
+    /// itself once the disk has room again. sled's recovery drops whatever
+    /// the failed writes left half-done; nothing that failed was acknowledged.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.lock();
+        {
+            // At most one attempt per interval: a full disk stays full for a while.
+            let mut last = self.last_reopen.lock();
+            if last.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+                return Err(StoreError::Sled {
+                    path: self.db_path.clone(),
+                    source: sled::Error::Unsupported(
+                        "the database failed with an I/O error and will be reopened shortly".into(),
+                    ),
+                });
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        // sled locks its directory until the last handle is gone.
+        drop(slot.take());
+        let db = open_sled(&self.db_path, &self.options)?;
+        *slot = Some(db);
+        self.broken
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(path = %self.db_path.display(), "reopened the database after an I/O error");
+        Ok(())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -273,13 +319,14 @@ impl Store {
             last_token: self.reserved(),
             ..Loaded::default()
         };
-        if let Some(v) = self.db.get(TOKEN_KEY).map_err(self.sled_err())? {
+        let db = self.db()?;
+        if let Some(v) = db.get(TOKEN_KEY).map_err(self.sled_err())? {
             let token = Decoder::new(&v)
                 .u64()
                 .ok_or_else(|| self.corrupt("bad token key"))?;
             loaded.last_token = loaded.last_token.max(token);
         }
-        for item in self.db.scan_prefix(b"L") {
+        for item in db.scan_prefix(b"L") {
             let (k, v) = item.map_err(self.sled_err())?;
             let record = decode_lease(&k[1..], &v).ok_or_else(|| {
                 self.corrupt(format!(
@@ -290,7 +337,7 @@ impl Store {
             loaded.last_token = loaded.last_token.max(record.token.0);
             loaded.leases.push(record);
         }
-        for item in self.db.scan_prefix(b"R") {
+        for item in db.scan_prefix(b"R") {
             let (k, v) = item.map_err(self.sled_err())?;
             let parsed = std::str::from_utf8(&k[1..])
                 .ok()
@@ -316,6 +363,9 @@ impl Store {
         &self,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Result<(), StoreError> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            self.reopen()?;
+        }
         let mut batch = sled::Batch::default();
         let mut max_token = 0;
         let mut writes = 0usize;
@@ -362,6 +412,7 @@ impl Store {
         if writes == 0 {
             return Ok(());
         }
+        let db = self.db()?;
         if max_token > 0 {
             let mut reservation = self.reservation.lock();
             if max_token > reservation.reserved {
@@ -369,8 +420,8 @@ impl Store {
             }
             batch.insert(TOKEN_KEY, max_token.to_be_bytes().to_vec());
         }
-        self.db.apply_batch(batch).map_err(self.sled_err())?;
-        self.db.flush().map_err(self.sled_err())?;
+        db.apply_batch(batch).map_err(self.sled_err())?;
+        db.flush().map_err(self.sled_err())?;
         Ok(())
     }
 
@@ -379,7 +430,7 @@ impl Store {
     fn trim_history(&self, resource: &Resource, batch: &mut sled::Batch) -> Result<(), StoreError> {
         let keep = self.options.history_per_resource.saturating_sub(1);
         for item in self
-            .db
+            .db()?
             .scan_prefix(history_prefix(resource))
             .rev()
             .skip(keep)
@@ -398,7 +449,7 @@ impl Store {
     ) -> Result<Vec<GrantRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self
-            .db
+            .db()?
             .scan_prefix(history_prefix(resource))
             .rev()
             .take(limit)
@@ -418,13 +469,25 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().map_or(0, |db| db.size_on_disk().unwrap_or(0))
     }
 
     /// Flushes sled's buffers (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(self.sled_err())
+        self.db()?.flush().map(drop).map_err(self.sled_err())
     }
+}
+
+fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(options.cache_bytes)
+        .flush_every_ms(Some(500))
+        .open()
+        .map_err(|source| StoreError::Sled {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 fn lease_key(resource: &Resource) -> Vec<u8> {

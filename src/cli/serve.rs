@@ -137,12 +137,14 @@ impl ServeArgs {
 /// Binds, serves, and returns the exit code once shut down.
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let config = args.config()?;
+    let coordinator = server::open(&config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    // Tests and scripts read this line to learn the port of `--listen 127.0.0.1:0`.
+    // Tests and scripts read this line to learn the port of `--listen
+    // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
-    server::run(listener, config, shutdown_signal()).await?;
+    server::serve(listener, config, coordinator, shutdown_signal()).await?;
     Ok(0)
 }
 

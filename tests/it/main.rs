@@ -8,6 +8,7 @@ mod admin_cli;
 mod client;
 mod coordinator;
 mod crash;
+mod faults;
 mod fenced_store;
 mod kleppmann;
 mod model;
