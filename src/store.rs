@@ -89,6 +89,10 @@ pub struct StoreOptions {
     pub history_per_resource: usize,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// `fdatasync` sled's log after every batch, so acknowledged lease
+    /// records (not only tokens) survive a machine crash. Costs one device
+    /// flush per batch.
+    pub sync_every_batch: bool,
 }
 
 impl Default for StoreOptions {
@@ -96,6 +100,7 @@ impl Default for StoreOptions {
         StoreOptions {
             history_per_resource: 16,
             cache_bytes: 128 * 1024 * 1024,
+            sync_every_batch: false,
         }
     }
 }
@@ -226,6 +231,8 @@ pub struct Store {
     /// Set by an I/O error; the next commit reopens the database.
     broken: std::sync::atomic::AtomicBool,
     last_reopen: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// sled's log file, for `fdatasync` when `sync_every_batch` is on.
+    log: parking_lot::Mutex<Option<File>>,
     db_path: PathBuf,
     /// Only the committer thread writes; the lock keeps `&self` methods safe.
     reservation: parking_lot::Mutex<Reservation>,
@@ -244,7 +251,9 @@ impl Store {
         let db_existed = db_path.exists();
         let reservation = Reservation::open(dir.join("tokens"), db_existed)?;
         let db = open_sled(&db_path, &options)?;
+        let log = open_log(&db_path, &options)?;
         Ok(Store {
+            log: parking_lot::Mutex::new(log),
             db: parking_lot::Mutex::new(Some(db)),
             broken: std::sync::atomic::AtomicBool::new(false),
             last_reopen: parking_lot::Mutex::new(None),
@@ -299,6 +308,7 @@ impl Store {
         // sled locks its directory until the last handle is gone.
         drop(slot.take());
         let db = open_sled(&self.db_path, &self.options)?;
+        *self.log.lock() = open_log(&self.db_path, &self.options)?;
         *slot = Some(db);
         self.broken
             .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -422,6 +432,18 @@ impl Store {
         }
         db.apply_batch(batch).map_err(self.sled_err())?;
         db.flush().map_err(self.sled_err())?;
+        if let Some(log) = &*self.log.lock() {
+            // sled's flush() ends in sync_file_range, which does not reach
+            // the device; this does.
+            log.sync_data().map_err(|source| {
+                self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+                StoreError::Io {
+                    what: "syncing",
+                    path: self.db_path.join("db"),
+                    source,
+                }
+            })?;
+        }
         Ok(())
     }
 
@@ -486,6 +508,22 @@ fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError
         .open()
         .map_err(|source| StoreError::Sled {
             path: path.to_owned(),
+            source,
+        })
+}
+
+/// sled 0.34 keeps its log (every segment) in `db/db`; snapshots are
+/// written and synced by sled itself.
+fn open_log(db_path: &Path, options: &StoreOptions) -> Result<Option<File>, StoreError> {
+    if !options.sync_every_batch {
+        return Ok(None);
+    }
+    let path = db_path.join("db");
+    File::open(&path)
+        .map(Some)
+        .map_err(|source| StoreError::Io {
+            what: "opening",
+            path,
             source,
         })
 }
