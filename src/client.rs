@@ -74,8 +74,9 @@ pub enum ClientError {
     /// The endpoint is not a valid URL.
     #[error("{0:?} is not a valid coordinator URL (expected e.g. http://127.0.0.1:7420)")]
     BadEndpoint(String),
-    /// The coordinator could not be reached before the retry deadline.
-    #[error("cannot reach the coordinator ({0}); is it running, and is the URL right?")]
+    /// The coordinator could not be reached (or stayed unavailable) until
+    /// the retry deadline.
+    #[error("the coordinator did not answer before the retry deadline: {} ({:?}); check that it is running at that URL, and its log", .0.message(), .0.code())]
     Unreachable(Status),
     /// The coordinator refused the call.
     #[error("the coordinator refused the call: {} ({:?})", .0.message(), .0.code())]
