@@ -532,6 +532,22 @@ impl SledGuard {
                 "a guarded write cannot write the guard's own tree: pass only data trees".into(),
             )));
         }
+        self.transact(resource, token, data, f)
+            .map(|(value, _)| value)
+    }
+
+    /// The guarded transaction: the mark's check, `f` over `data`, and the
+    /// mark's update, all in one sled transaction.
+    fn transact<T, E, F>(
+        &self,
+        resource: &str,
+        token: u64,
+        data: &[&sled::Tree],
+        f: F,
+    ) -> Result<(T, Admitted), GuardError<E>>
+    where
+        F: Fn(&[TransactionalTree]) -> ConflictableTransactionResult<T, E>,
+    {
         let mut trees: Vec<&sled::Tree> = Vec::with_capacity(1 + data.len());
         trees.push(&self.marks);
         trees.extend_from_slice(data);
@@ -556,7 +572,7 @@ impl SledGuard {
             if admitted.raises_mark() {
                 marks.insert(key, &token.to_be_bytes()[..])?;
             }
-            Ok(value)
+            Ok((value, admitted))
         });
         result.map_err(|e| match e {
             TransactionError::Abort(Abort::Stale(stale)) => GuardError::StaleToken {
@@ -596,32 +612,8 @@ impl SledGuard {
     /// for callers whose write happens elsewhere. Mind the window between
     /// this check and that write (see the [module docs](self)).
     pub fn check_and_record(&self, resource: &str, token: u64) -> Result<Admitted, GuardError> {
-        let key = resource.as_bytes();
-        let result = self.marks.transaction(|marks| {
-            let stored = marks.get(key)?;
-            let highest = decode_mark(stored.as_deref()).map_err(|len| {
-                ConflictableTransactionError::Abort(Abort::<Infallible>::Corrupt(len))
-            })?;
-            let admitted = check(highest, token)
-                .map_err(|stale| ConflictableTransactionError::Abort(Abort::Stale(stale)))?;
-            if admitted.raises_mark() {
-                marks.insert(key, &token.to_be_bytes()[..])?;
-            }
-            Ok(admitted)
-        });
-        result.map_err(|e| match e {
-            TransactionError::Abort(Abort::Stale(stale)) => GuardError::StaleToken {
-                resource: resource.to_owned(),
-                offered: stale.offered,
-                highest: stale.highest,
-            },
-            TransactionError::Abort(Abort::Corrupt(len)) => GuardError::Corrupt {
-                resource: resource.to_owned(),
-                len,
-            },
-            TransactionError::Abort(Abort::User(never)) => match never {},
-            TransactionError::Storage(e) => GuardError::Storage(e),
-        })
+        self.transact(resource, token, &[], |_| Ok(()))
+            .map(|((), admitted)| admitted)
     }
 
     /// Blocks until everything committed before this call is flushed
