@@ -278,6 +278,7 @@ impl AdminService for AdminApi {
             revocations: s.counters.revocations,
             uptime_ms: ms(s.uptime),
             data_size_bytes: s.data_size,
+            commit_batches: s.commit_batches,
         }))
     }
 }

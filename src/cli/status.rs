@@ -33,6 +33,7 @@ struct StatusJson {
     revocations: u64,
     uptime_ms: u64,
     data_size_bytes: u64,
+    commit_batches: u64,
 }
 
 /// Runs `leasehold status`; returns the exit code.
@@ -56,6 +57,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<i32> {
             revocations: s.revocations,
             uptime_ms: s.uptime_ms,
             data_size_bytes: s.data_size_bytes,
+            commit_batches: s.commit_batches,
         })?;
         return Ok(0);
     }
@@ -71,6 +73,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<i32> {
         ("expiries", s.expiries.to_string()),
         ("revocations", s.revocations.to_string()),
         ("data on disk", output::bytes(s.data_size_bytes)),
+        ("commit batches", s.commit_batches.to_string()),
     ];
     for (k, v) in rows {
         println!("{k:<17} {v}");
