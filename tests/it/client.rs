@@ -326,3 +326,28 @@ async fn cli_acquire_stops_the_command_when_the_lease_is_lost() {
     server.signal("CONT");
     assert_eq!(status.code(), Some(71));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_are_not_retried() {
+    use leasehold::client::ClientError;
+    let server = TestServer::start().await;
+    let client = Client::connect(server.url()).unwrap();
+    let started = Instant::now();
+    let err = client
+        .acquire("r")
+        .ttl(Duration::from_millis(1)) // below the server's minimum TTL
+        .await
+        .err()
+        .expect("a 1 ms TTL must be refused");
+    match err {
+        AcquireError::Client(ClientError::Refused(status)) => {
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().contains("ttl_ms"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "a refusal was retried"
+    );
+}
