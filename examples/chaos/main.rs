@@ -13,7 +13,8 @@
 //! through a loopback proxy that can cut every link.
 //!
 //! Every 1–3 s the harness injects a fault, drawn at random (each kind once
-//! per round of five, in a shuffled order) and logged to `DIR/faults.jsonl`:
+//! per round, worker pauses twice, in a shuffled order) and logged to
+//! `DIR/faults.jsonl`:
 //! `kill -9` of the coordinator and a restart on the same port and data;
 //! SIGSTOP/SIGCONT of the coordinator; SIGSTOP of a worker for longer than
 //! any TTL (a GC pause); a restart of the store (SIGTERM or `kill -9`); the
@@ -540,7 +541,7 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
         });
     }
 
-    // The fault loop: one fault every 1–3 s, each kind once per shuffled round.
+    // The fault loop: one fault every 1–3 s, from shuffled rounds of every kind.
     let paused = Paused(Arc::new(Mutex::new(HashSet::new())));
     let mut resumes: Vec<JoinHandle<()>> = Vec::new();
     let mut bag: Vec<FaultKind> = Vec::new();
@@ -552,7 +553,10 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
         }
         tokio::time::sleep(gap).await;
         if bag.is_empty() {
+            // Every kind once per round, and worker pauses twice: they are
+            // what produces stale writes for the store to reject.
             bag = FaultKind::ALL.to_vec();
+            bag.push(FaultKind::WorkerPause);
             bag.shuffle(&mut rng);
         }
         let kind = bag.pop().expect("refilled above");

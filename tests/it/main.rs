@@ -3,6 +3,7 @@
 
 mod support;
 
+mod chaos;
 mod client;
 mod coordinator;
 mod crash;
