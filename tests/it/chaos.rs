@@ -255,6 +255,13 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         .spawn()
         .expect("spawn the chaos example");
     let mut group = Group(child);
+    // Read stdout while the run goes on: a long report must not block it.
+    let mut pipe = group.0.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut text);
+        text
+    });
 
     // Bounded: 20 s of run plus the wind-down; 90 s at most.
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -268,9 +275,7 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let mut stdout = String::new();
-    std::io::Read::read_to_string(group.0.stdout.as_mut().expect("stdout"), &mut stdout)
-        .expect("read the summary");
+    let stdout = reader.join().expect("the stdout reader panicked");
     println!("{stdout}");
     assert!(
         status.success(),
