@@ -593,8 +593,8 @@ impl<'a> Sweep<'a> {
     }
 }
 
-/// The run's parameters, for the summary's first line.
-#[derive(Debug, Clone, Serialize)]
+/// The run's parameters, for the summary's first line (`run.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunInfo {
     /// Seconds the run lasted.
     pub seconds: f64,

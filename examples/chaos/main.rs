@@ -132,6 +132,11 @@ async fn main() -> anyhow::Result<()> {
         seed,
     };
     let code = if args.check_only {
+        // The parameters the run was started with, if it recorded them.
+        let run = std::fs::read_to_string(out.join("run.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(run);
         verdict(&out, &run, &[])?
     } else {
         tokio::select! {
@@ -476,6 +481,8 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
         std::fs::create_dir_all(out.join(sub))
             .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
     }
+    std::fs::write(out.join("run.json"), serde_json::to_string(run)?)
+        .context("cannot write run.json")?;
     let mut rng = StdRng::seed_from_u64(run.seed);
     let path = |p: &str| out.join(p).to_string_lossy().into_owned();
     let faults = FaultLog(Arc::new(Mutex::new(

@@ -245,7 +245,9 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         nanos.to_string()
     });
     let child = Command::new(chaos_example())
-        .args(["--duration", "20s", "--workers", "4", "--resources", "2"])
+        // 25 s: the first round of faults (six, 1–3 s apart, a coordinator
+        // pause of up to 2 s among them) always fits, so every kind is seen.
+        .args(["--duration", "25s", "--workers", "4", "--resources", "2"])
         .args(["--seed", &seed])
         .arg("--out")
         .arg(out.path().join("run"))
@@ -263,7 +265,7 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         text
     });
 
-    // Bounded: 20 s of run plus the wind-down; 90 s at most.
+    // Bounded: 25 s of run plus the wind-down; 90 s at most.
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
         if let Some(status) = group.0.try_wait().expect("wait for chaos") {
