@@ -337,7 +337,11 @@ impl Proxy {
         let swallow = Arc::new(AtomicBool::new(false));
         let (cut_tx, sw) = (cut.clone(), swallow.clone());
         let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
+            // Bounded: 100,000 links is far more than any run opens.
+            for _ in 0..100_000 {
+                let Ok((client, _)) = listener.accept().await else {
+                    break;
+                };
                 // Subscribe before connecting, so a cut cannot be missed.
                 let mut cut_rx = cut_tx.subscribe();
                 let sw = sw.clone();
