@@ -18,7 +18,10 @@
 //!   left the server reported, minus a safety margin for clock-rate drift
 //!   (10 % of the TTL by default). The server's clock starts later than
 //!   ours, so the worker always learns of the loss — [`Lease::lost`]
-//!   resolves — before the server could consider the lease expired.
+//!   resolves — before the server could consider the lease expired. A grant
+//!   that waited in line for most of its TTL would thus arrive already
+//!   invalid; it is confirmed with one Renew before the acquire returns, and
+//!   its validity counts from that Renew.
 //!
 //! Even so, a process can be paused between checking [`Lease::is_valid`] and
 //! writing; that is what fencing tokens are for. Send [`Lease::token`] with
@@ -407,13 +410,15 @@ impl AcquireBuilder {
             let status = match attempt {
                 Ok(Ok(resp)) => match resp.into_inner().outcome {
                     Some(Outcome::Lease(l)) => {
+                        let (l, sent_at) =
+                            confirm_late_grant(&client, l, sent_at, self.margin).await;
                         return Ok(Lease::start(
                             client,
                             l,
                             sent_at,
                             self.margin,
                             self.renew_every,
-                        ))
+                        ));
                     }
                     Some(Outcome::Held(h)) => {
                         return Err(AcquireError::Held {
@@ -436,6 +441,55 @@ impl AcquireBuilder {
                 return Err(ClientError::Unreachable(status).into());
             }
         }
+    }
+}
+
+/// Validity counts from when the Acquire was *sent*, so a grant that waited
+/// in line for most of its TTL (or longer) arrives with little or no
+/// validity left, and would be reported lost at once. Such a grant is
+/// confirmed with one Renew: a success proves the lease is still the live
+/// one (an expired lease id answers NOT_FOUND), and validity then counts from
+/// the Renew's own send time. On any failure the grant is kept as it came;
+/// the keepalive then reports it lost, as before.
+async fn confirm_late_grant(
+    client: &Client,
+    granted: proto::Lease,
+    sent_at: Instant,
+    margin: f64,
+) -> (proto::Lease, Instant) {
+    let ttl = Duration::from_millis(granted.ttl_ms);
+    let left = Duration::from_millis(granted.expires_in_ms).saturating_sub(ttl.mul_f64(margin));
+    if (sent_at + left).saturating_duration_since(Instant::now()) >= ttl / 2 {
+        return (granted, sent_at);
+    }
+    let req = proto::RenewRequest {
+        lease_id: granted.lease_id.clone(),
+        token: granted.token,
+        ttl_ms: 0,
+    };
+    let renewed_at = Instant::now();
+    let mut rpc = client.rpc.clone();
+    // An answer later than the TTL could only be NOT_FOUND: do not wait longer.
+    let limit = client.config.attempt_timeout.min(ttl);
+    match tokio::time::timeout(limit, rpc.renew(req)).await {
+        Ok(Ok(resp)) => match resp.into_inner().lease {
+            Some(l) if l.token == granted.token => {
+                tracing::debug!(resource = %granted.resource, token = granted.token, "late grant confirmed by a renewal");
+                (
+                    proto::Lease {
+                        lease_id: granted.lease_id,
+                        ..l
+                    },
+                    renewed_at,
+                )
+            }
+            _ => (granted, sent_at),
+        },
+        Ok(Err(status)) => {
+            tracing::debug!(resource = %granted.resource, code = ?status.code(), "could not confirm a late grant");
+            (granted, sent_at)
+        }
+        Err(_) => (granted, sent_at),
     }
 }
 

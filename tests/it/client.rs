@@ -351,3 +351,38 @@ async fn refusals_are_not_retried() {
         "a refusal was retried"
     );
 }
+
+/// Found by the chaos run: validity counts from when the Acquire was sent,
+/// so a grant that waited in line longer than its TTL arrived already
+/// invalid and was reported lost at once. The client now confirms such a
+/// grant with one Renew before returning it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_after_waiting_longer_than_its_ttl_is_valid() {
+    let server = TestServer::start().await;
+    let mut direct = server.client().await;
+    // Someone holds the resource for 1 s and never renews.
+    grant(&mut direct, acquire_req("r", "other", 1000)).await;
+
+    let client = Client::connect(server.url()).unwrap();
+    let started = Instant::now();
+    let lease = client
+        .acquire("r")
+        .ttl(Duration::from_millis(300))
+        .wait(Duration::from_secs(5))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800),
+        "granted after {waited:?}"
+    );
+    assert!(
+        lease.is_valid(),
+        "granted after waiting {waited:?}, but already invalid"
+    );
+    // And it stays valid: the keepalive renews it.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(lease.is_valid(), "lost after the wait");
+    assert_eq!(describe(&mut direct, "r").await.token, lease.token());
+    assert!(lease.release().await.unwrap());
+}

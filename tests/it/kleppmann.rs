@@ -90,7 +90,9 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
     );
 
     // Worker 1 acquires, checks its lease, and is paused before it writes.
-    let mut w1 = worker(&coordinator.url(), &store.url(), "from worker 1", "300ms");
+    // The pause is long enough that the SIGSTOP below lands inside it even
+    // on a loaded machine.
+    let mut w1 = worker(&coordinator.url(), &store.url(), "from worker 1", "2s");
     let line = first_line(&mut w1);
     signal(&w1, "STOP");
     let n = token_of(&line);
