@@ -17,6 +17,7 @@
 //! it is durable. The coordinator uses that before it shows anyone state that
 //! might still be in flight (an idempotent replay, a Describe).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -46,6 +47,7 @@ const MAX_BATCH: usize = 4096;
 /// The handle to the committer thread.
 pub struct Committer {
     tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
+    batches: Arc<AtomicU64>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -53,11 +55,14 @@ impl Committer {
     /// Starts the committer thread over `store`.
     pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let batches = Arc::new(AtomicU64::new(0));
+        let counter = batches.clone();
         let thread = std::thread::Builder::new()
             .name("leasehold-commit".into())
-            .spawn(move || run(store, rx))?;
+            .spawn(move || run(store, rx, &counter))?;
         Ok(Committer {
             tx: Mutex::new(Some(tx)),
+            batches,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -77,6 +82,11 @@ impl Committer {
         }
     }
 
+    /// Batches written so far that held changes (each cost one flush).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
     /// Writes what is queued, flushes, and stops the thread.
     pub fn close(&self) {
         drop(self.tx.lock().take());
@@ -94,7 +104,7 @@ impl Drop for Committer {
     }
 }
 
-fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Job>, batches: &AtomicU64) {
     let mut jobs: Vec<Job> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
@@ -103,6 +113,9 @@ fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
+        }
+        if jobs.iter().any(|j| !j.changes.is_empty()) {
+            batches.fetch_add(1, Ordering::Relaxed);
         }
         let result = store
             .commit(jobs.iter().flat_map(|j| j.changes.iter()))

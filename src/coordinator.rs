@@ -121,6 +121,8 @@ pub struct Stats {
     pub uptime: Duration,
     /// Bytes the database occupies.
     pub data_size: u64,
+    /// Batches the committer has written (each one flush).
+    pub commit_batches: u64,
 }
 
 type WaitReply = Result<LeaseView, CoordinatorError>;
@@ -567,6 +569,7 @@ impl Coordinator {
             last_token: inner.table.last_token(),
             uptime: self.shared.epoch.elapsed(),
             data_size: self.shared.store.size_on_disk(),
+            commit_batches: self.shared.committer.batches(),
         }
     }
 

@@ -8,17 +8,70 @@
 //! - [`commit`]: group commit; one thread, one flush per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
+//! - [`admin`]: the operator API (list, revoke, watch, history, stats).
+//! - [`auth`]: the admin bearer token, checked in constant time.
+//! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
-//! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services.
+//! - [`client`]: the worker's library: acquire, keepalive, safe retries.
+//! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
+//!   [`fenced_kv`]: a small fenced key-value service built from them.
 //! - [`bench`]: `leasehold bench`, bounded load generators with checks.
 //! - [`cli`]: the `leasehold` command line.
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.
+//!
+//! # Example: the whole scheme in one process
+//!
+//! A coordinator on an ephemeral port, a worker that takes a lease and
+//! writes through a fencing guard, and a zombie whose stale write the guard
+//! rejects:
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use leasehold::{client::Client, guard::{GuardError, MemoryGuard}, server};
+//!
+//! // The coordinator (normally `leasehold serve`).
+//! let dir = tempfile::tempdir()?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let url = format!("http://{}", listener.local_addr()?);
+//! let config = server::ServerConfig { data_dir: dir.path().into(), ..Default::default() };
+//! let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+//! let served = tokio::spawn(server::run(listener, config, async { let _ = stopped.await; }));
+//!
+//! // Storage keeps the highest token it has accepted per resource.
+//! let storage = MemoryGuard::new();
+//!
+//! let client = Client::connect(url)?;
+//! let old = client.acquire("invoices").ttl(Duration::from_millis(200)).await?;
+//! let old_token = old.token();
+//! old.detach(); // the old holder "pauses": it stops renewing
+//! tokio::time::sleep(Duration::from_millis(250)).await;
+//!
+//! // Its lease expired; the next holder gets a larger token and writes.
+//! let new = client.acquire("invoices").ttl(Duration::from_secs(5)).await?;
+//! assert!(new.token() > old_token);
+//! storage.check_and_record("invoices", new.token())?;
+//!
+//! // The paused holder wakes up and writes with its old token: rejected.
+//! let stale = storage.check_and_record("invoices", old_token);
+//! assert!(matches!(stale, Err(GuardError::StaleToken { .. })));
+//!
+//! new.release().await?;
+//! let _ = stop.send(());
+//! served.await??;
+//! # Ok(()) }
+//! ```
 
+pub mod admin;
+pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod commit;
 pub mod coordinator;
+pub mod fenced_kv;
 pub mod fencing;
 pub mod guard;
 pub mod idempotency;
@@ -27,6 +80,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 /// Generated gRPC types for `leasehold.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -6,6 +6,14 @@
 //! `grpc.health.v1` (SERVING while up, NOT_SERVING while shutting down) and
 //! gRPC reflection, so `grpcurl` works without the proto files.
 //!
+//! The admin service sits behind [`AdminGate`] (see [`crate::auth`]); with
+//! [`ServerConfig::tls`] every connection is TLS (mutual with a client CA).
+//! [`Limits`] bound what one client can make the server hold: the size of a
+//! message (a larger one is refused with RESOURCE_EXHAUSTED) and the streams
+//! open at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`:
+//! a well-behaved client waits for a free stream; one that does not is
+//! refused the stream).
+//!
 //! Shutdown: when `shutdown` resolves, the coordinator stops taking new
 //! Acquires, waiters and keepalive streams end, tonic stops accepting and
 //! finishes the calls in flight, and finally the committer writes what is
@@ -18,18 +26,52 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use tonic::codegen::http;
+use tonic::service::interceptor::InterceptedService;
+use tonic::Status;
+
+use crate::admin::AdminApi;
+use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
 use crate::service::LeaseApi;
 use crate::store::StoreError;
+use crate::tls::{ServerTlsFiles, TlsError};
 
 /// Everything `leasehold serve` needs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ServerConfig {
     /// Where the store lives.
     pub data_dir: PathBuf,
     /// The coordinator's configuration.
     pub coordinator: Config,
+    /// TLS (and mutual TLS) material; `None` serves plain HTTP/2.
+    pub tls: Option<ServerTlsFiles>,
+    /// The token admin calls must present; `None`: see `insecure_admin`.
+    pub admin_token: Option<AdminToken>,
+    /// Serve the admin API without a token even on a non-loopback address.
+    pub insecure_admin: bool,
+    /// Transport limits.
+    pub limits: Limits,
+}
+
+/// Limits on what one client can make the transport hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request message, in bytes.
+    pub max_message_bytes: usize,
+    /// Most streams (calls) open at once on one HTTP/2 connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_streams_per_connection: 1024,
+        }
+    }
 }
 
 /// Why the server could not start or stopped with an error.
@@ -41,6 +83,9 @@ pub enum ServerError {
     /// gRPC reflection could not be set up (a build problem).
     #[error("gRPC reflection could not be set up: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The transport failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -52,7 +97,26 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let coordinator = Coordinator::open(&config.data_dir, config.coordinator.clone())?;
+    let coordinator = open(&config)?;
+    serve(listener, config, coordinator, shutdown).await
+}
+
+/// Opens the store and restores the lease table: everything that can fail
+/// because of the data directory, before the server announces itself.
+pub fn open(config: &ServerConfig) -> Result<Coordinator, ServerError> {
+    Ok(Coordinator::open(
+        &config.data_dir,
+        config.coordinator.clone(),
+    )?)
+}
+
+/// Serves an opened coordinator on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    coordinator: Coordinator,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -60,7 +124,22 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let addr = listener.local_addr().ok();
-    tracing::info!(?addr, "serving");
+    let gate = admin_gate(&config, addr);
+    tracing::info!(?addr, tls = config.tls.is_some(), "serving");
+
+    let mut builder =
+        Server::builder().max_concurrent_streams(config.limits.max_streams_per_connection);
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.load()?)?;
+    }
+    let max_bytes = config.limits.max_message_bytes;
+    let lease_service = LeaseServiceServer::new(LeaseApi::new(coordinator.clone()))
+        .max_decoding_message_size(max_bytes);
+    let admin_service = InterceptedService::new(
+        AdminServiceServer::new(AdminApi::new(coordinator.clone()))
+            .max_decoding_message_size(max_bytes),
+        gate,
+    );
 
     let stopping = coordinator.shutdown_token();
     let on_shutdown = {
@@ -79,13 +158,130 @@ pub async fn run(
     // on the incoming stream: without it, small replies wait for Nagle's
     // algorithm and the peer's delayed ACK (up to 40 ms on Linux).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = Server::builder()
+    let result = builder
+        .layer(tower::util::MapResponseLayer::new(
+            move |res: http::Response<tonic::body::Body>| too_large_is_exhausted(res, max_bytes),
+        ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(LeaseServiceServer::new(LeaseApi::new(coordinator.clone())))
+        .add_service(lease_service)
+        .add_service(admin_service)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await;
     coordinator.shutdown();
     tracing::info!("stopped");
     result.map_err(ServerError::from)
+}
+
+/// Decides who may use the admin API, and says so in the log.
+fn admin_gate(config: &ServerConfig, addr: Option<std::net::SocketAddr>) -> AdminGate {
+    let loopback = addr.is_some_and(|a| a.ip().is_loopback());
+    match &config.admin_token {
+        Some(token) => AdminGate::Token(token.clone()),
+        None if loopback => AdminGate::Open,
+        None if config.insecure_admin => {
+            tracing::warn!(
+                ?addr,
+                "the admin API is open to anyone who can connect (--insecure-admin without --admin-token-file)"
+            );
+            AdminGate::Open
+        }
+        None => {
+            let addr = addr.map_or_else(|| "an unknown address".to_owned(), |a| a.to_string());
+            tracing::warn!(
+                %addr,
+                "the admin API is disabled: no --admin-token-file on a non-loopback address; \
+                 pass --admin-token-file PATH (or --insecure-admin) to enable it"
+            );
+            AdminGate::Closed { addr }
+        }
+    }
+}
+
+/// tonic refuses an oversized message with OUT_OF_RANGE; gRPC's convention
+/// (and our contract) is RESOURCE_EXHAUSTED, with a message naming the limit.
+/// The status travels in the headers (trailers-only answers) or in the
+/// trailers, so both are rewritten. No handler of ours answers OUT_OF_RANGE,
+/// so only tonic's own refusal matches.
+fn too_large_is_exhausted(
+    mut res: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    rewrite_too_large(res.headers_mut(), limit);
+    res.map(|inner| tonic::body::Body::new(TooLargeTrailers { inner, limit }))
+}
+
+fn rewrite_too_large(headers: &mut http::HeaderMap, limit: usize) {
+    let too_large = Status::from_header_map(headers)
+        .is_some_and(|s| s.code() == tonic::Code::OutOfRange && s.message().contains("too large"));
+    if too_large {
+        let status = Status::resource_exhausted(format!(
+            "the request message is larger than this server's limit of {limit} bytes \
+             (serve --max-message-bytes); send smaller requests"
+        ));
+        headers.remove("grpc-message");
+        let _ = status.add_header(headers);
+    }
+}
+
+/// A response body whose trailers go through [`rewrite_too_large`].
+struct TooLargeTrailers {
+    inner: tonic::body::Body,
+    limit: usize,
+}
+
+impl http_body::Body for TooLargeTrailers {
+    type Data = tonic::codegen::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let limit = self.limit;
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_ok(|mut frame| {
+                if let Some(trailers) = frame.trailers_mut() {
+                    rewrite_too_large(trailers, limit);
+                }
+                frame
+            })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_gate_table() {
+        let token = AdminToken::new("t", "test").unwrap();
+        let public: std::net::SocketAddr = "192.0.2.1:7420".parse().unwrap();
+        let local: std::net::SocketAddr = "127.0.0.1:7420".parse().unwrap();
+        let config = |admin_token: Option<AdminToken>, insecure_admin| ServerConfig {
+            admin_token,
+            insecure_admin,
+            ..ServerConfig::default()
+        };
+        let cases = [
+            (config(None, false), local, "Open"),
+            (config(None, false), public, "Closed"),
+            (config(None, true), public, "Open"),
+            (config(Some(token.clone()), false), public, "Token"),
+            (config(Some(token), true), local, "Token"),
+        ];
+        for (config, addr, want) in cases {
+            let gate = format!("{:?}", admin_gate(&config, Some(addr)));
+            assert!(gate.starts_with(want), "{addr} {config:?}: {gate}");
+        }
+    }
 }

@@ -428,6 +428,22 @@ impl LeaseTable {
                 };
             }
         }
+        // A key still waiting in line belongs to an earlier attempt of the
+        // same logical acquire: it must match, and this attempt replaces it.
+        let mut earlier_attempt = None;
+        if let Some(key) = &cmd.request_id {
+            if let Some(&old) = self.waiting_requests.get(key) {
+                let same = self
+                    .queues
+                    .get(&cmd.resource)
+                    .and_then(|q| q.iter().find(|w| w.id == old))
+                    .is_some_and(|w| w.holder == cmd.holder && w.ttl == cmd.ttl);
+                if !same {
+                    return Err(StateError::RequestMismatch(key.as_str().to_owned()));
+                }
+                earlier_attempt = Some(old);
+            }
+        }
         let Some(current) = self.held.get(&cmd.resource).copied() else {
             if self.leases.len() >= self.limits.max_leases {
                 return Err(StateError::Exhausted {
@@ -448,6 +464,10 @@ impl LeaseTable {
             return Ok(Acquired::Granted(view));
         };
         if !cmd.wait {
+            if let Some(old) = earlier_attempt {
+                self.cancel_waiter(old);
+                fx.superseded.push(old);
+            }
             let live = &self.leases[&current];
             return Ok(Acquired::Held {
                 holder: live.record.holder.clone(),
@@ -686,8 +706,10 @@ impl LeaseTable {
             if live.queued_at != at {
                 continue; // superseded by an earlier entry for the same lease
             }
-            if live.expires_at > now.mono {
-                // Renewed since this entry was queued: queue its real deadline.
+            if live.expires_at > at {
+                // Renewed since this entry was queued: queue its real
+                // deadline. If that has passed too, it comes round again in
+                // this loop, so leases always end in deadline order.
                 live.queued_at = live.expires_at;
                 self.deadlines.push(Reverse((live.expires_at, id)));
                 continue;
@@ -1167,6 +1189,29 @@ mod tests {
         t.release(a.record.lease_id, a.record.token, clock.now(), &mut fx)
             .unwrap();
         assert_eq!(fx.granted[0].0, retry);
+    }
+
+    #[test]
+    fn a_key_waiting_in_line_cannot_be_granted_elsewhere() {
+        // Found by the model test: the key of a queued waiter, reused on
+        // another resource, used to be granted there too, and then again
+        // when the waiter's turn came.
+        let (mut t, clock, mut fx) = setup();
+        granted(
+            t.acquire(cmd("r", "a", 1000, None, false), clock.now(), &mut fx)
+                .unwrap(),
+        );
+        t.acquire(cmd("r", "w", 1000, Some("k"), true), clock.now(), &mut fx)
+            .unwrap();
+        let other = t.acquire(cmd("s", "w", 1000, Some("k"), false), clock.now(), &mut fx);
+        assert_eq!(other, Err(StateError::RequestMismatch("k".into())));
+        // The same attempt without waiting replaces the queued one.
+        let again = t
+            .acquire(cmd("r", "w", 1000, Some("k"), false), clock.now(), &mut fx)
+            .unwrap();
+        assert!(matches!(again, Acquired::Held { .. }));
+        assert_eq!(t.waiters(), 0);
+        assert_eq!(fx.superseded.len(), 1);
     }
 
     #[test]

@@ -41,6 +41,9 @@ use crate::state::{Change, LeaseRecord, RequestRecord};
 /// a crash skips at most this many tokens; one `fdatasync` covers this many grants.
 pub const RESERVATION_BLOCK: u64 = 65_536;
 
+/// How often a failed database is reopened, at most.
+const REOPEN_INTERVAL: Duration = Duration::from_millis(200);
+
 const RESERVATION_CHECK: u64 = 0x4c45_4153_4548_4f4c; // "LEASEHOL"
 const TOKEN_KEY: &[u8] = b"Mtoken";
 
@@ -87,6 +90,10 @@ pub struct StoreOptions {
     pub history_per_resource: usize,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// `fdatasync` sled's log after every batch, so acknowledged lease
+    /// records (not only tokens) survive a machine crash. Costs one device
+    /// flush per batch.
+    pub sync_every_batch: bool,
 }
 
 impl Default for StoreOptions {
@@ -94,6 +101,7 @@ impl Default for StoreOptions {
         StoreOptions {
             history_per_resource: 16,
             cache_bytes: 128 * 1024 * 1024,
+            sync_every_batch: false,
         }
     }
 }
@@ -219,7 +227,13 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// The persistent side of the coordinator. See the module docs.
 #[derive(Debug)]
 pub struct Store {
-    db: sled::Db,
+    /// `None` only while being reopened after an I/O error.
+    db: parking_lot::Mutex<Option<sled::Db>>,
+    /// Set by an I/O error; the next commit reopens the database.
+    broken: std::sync::atomic::AtomicBool,
+    last_reopen: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// sled's log file, for `fdatasync` when `sync_every_batch` is on.
+    log: parking_lot::Mutex<Option<File>>,
     db_path: PathBuf,
     /// Only the committer thread writes; the lock keeps `&self` methods safe.
     reservation: parking_lot::Mutex<Reservation>,
@@ -242,17 +256,13 @@ impl Store {
         let db_path = dir.join("db");
         let db_existed = db_path.exists();
         let reservation = Reservation::open(dir.join("tokens"), db_existed)?;
-        let db = sled::Config::new()
-            .path(&db_path)
-            .cache_capacity(options.cache_bytes)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|source| StoreError::Sled {
-                path: db_path.clone(),
-                source,
-            })?;
+        let db = open_sled(&db_path, &options)?;
+        let log = open_log(&db_path, &options)?;
         Ok(Store {
-            db,
+            log: parking_lot::Mutex::new(log),
+            db: parking_lot::Mutex::new(Some(db)),
+            broken: std::sync::atomic::AtomicBool::new(false),
+            last_reopen: parking_lot::Mutex::new(None),
             db_path,
             reservation: parking_lot::Mutex::new(reservation),
             trims: parking_lot::Mutex::new(HashMap::new()),
@@ -261,10 +271,56 @@ impl Store {
     }
 
     fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
-        move |source| StoreError::Sled {
-            path: self.db_path.clone(),
-            source,
+        move |source| {
+            // sled 0.34 keeps failing after an I/O error (its error is
+            // sticky), so the next commit reopens the database.
+            if matches!(source, sled::Error::Io(_)) {
+                self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            StoreError::Sled {
+                path: self.db_path.clone(),
+                source,
+            }
         }
+    }
+
+    /// A handle to the open database.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.lock().clone().ok_or_else(|| StoreError::Sled {
+            path: self.db_path.clone(),
+            source: sled::Error::Unsupported(
+                "the database is being reopened after an I/O error".into(),
+            ),
+        })
+    }
+
+    /// Reopens the database after an I/O error, so the server recovers by
+    /// itself once the disk has room again. sled's recovery drops whatever
+    /// the failed writes left half-done; nothing that failed was acknowledged.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.lock();
+        {
+            // At most one attempt per interval: a full disk stays full for a while.
+            let mut last = self.last_reopen.lock();
+            if last.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
+                return Err(StoreError::Sled {
+                    path: self.db_path.clone(),
+                    source: sled::Error::Unsupported(
+                        "the database failed with an I/O error and will be reopened shortly".into(),
+                    ),
+                });
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        // sled locks its directory until the last handle is gone.
+        drop(slot.take());
+        let db = open_sled(&self.db_path, &self.options)?;
+        *self.log.lock() = open_log(&self.db_path, &self.options)?;
+        *slot = Some(db);
+        self.broken
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(path = %self.db_path.display(), "reopened the database after an I/O error");
+        Ok(())
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
@@ -280,13 +336,14 @@ impl Store {
             last_token: self.reserved(),
             ..Loaded::default()
         };
-        if let Some(v) = self.db.get(TOKEN_KEY).map_err(self.sled_err())? {
+        let db = self.db()?;
+        if let Some(v) = db.get(TOKEN_KEY).map_err(self.sled_err())? {
             let token = Decoder::new(&v)
                 .u64()
                 .ok_or_else(|| self.corrupt("bad token key"))?;
             loaded.last_token = loaded.last_token.max(token);
         }
-        for item in self.db.scan_prefix(b"L") {
+        for item in db.scan_prefix(b"L") {
             let (k, v) = item.map_err(self.sled_err())?;
             let record = decode_lease(&k[1..], &v).ok_or_else(|| {
                 self.corrupt(format!(
@@ -297,7 +354,7 @@ impl Store {
             loaded.last_token = loaded.last_token.max(record.token.0);
             loaded.leases.push(record);
         }
-        for item in self.db.scan_prefix(b"R") {
+        for item in db.scan_prefix(b"R") {
             let (k, v) = item.map_err(self.sled_err())?;
             let parsed = std::str::from_utf8(&k[1..])
                 .ok()
@@ -323,8 +380,24 @@ impl Store {
         &self,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Result<(), StoreError> {
-        if self.write(changes)? {
-            self.flush()?;
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            self.reopen()?;
+        }
+        if !self.write(changes)? {
+            return Ok(());
+        }
+        self.flush()?;
+        if let Some(log) = &*self.log.lock() {
+            // sled's flush() ends in sync_file_range, which does not reach
+            // the device; this does.
+            log.sync_data().map_err(|source| {
+                self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+                StoreError::Io {
+                    what: "syncing",
+                    path: self.db_path.join("db"),
+                    source,
+                }
+            })?;
         }
         Ok(())
     }
@@ -368,12 +441,13 @@ impl Store {
                 reservation.write(max_token + RESERVATION_BLOCK)?;
             }
         }
+        let db = self.db()?;
         let mut trims = self.trims.lock();
         for change in changes {
             match change {
                 Change::Granted(record) => {
-                    let mut out = Out::new(&self.db, record.request_id.is_some());
-                    for old in self.trim_history(&mut trims, &record.resource)? {
+                    let mut out = Out::new(&db, record.request_id.is_some());
+                    for old in self.trim_history(&db, &mut trims, &record.resource)? {
                         out.remove(old);
                     }
                     out.insert(
@@ -387,8 +461,7 @@ impl Store {
                     out.finish().map_err(self.sled_err())?;
                 }
                 Change::Renewed { record, .. } => {
-                    self.db
-                        .insert(lease_key(&record.resource), encode_lease(record))
+                    db.insert(lease_key(&record.resource), encode_lease(record))
                         .map_err(self.sled_err())?;
                 }
                 Change::Ended {
@@ -396,27 +469,24 @@ impl Store {
                     how,
                     at_unix_ms,
                 } => {
-                    self.db
-                        .insert(
-                            history_key(&record.resource, record.token),
-                            encode_history(record, Some((*how, *at_unix_ms))),
-                        )
-                        .map_err(self.sled_err())?;
-                    self.db
-                        .remove(lease_key(&record.resource))
+                    db.insert(
+                        history_key(&record.resource, record.token),
+                        encode_history(record, Some((*how, *at_unix_ms))),
+                    )
+                    .map_err(self.sled_err())?;
+                    db.remove(lease_key(&record.resource))
                         .map_err(self.sled_err())?;
                 }
                 Change::RequestsCollected(keys) => {
                     for key in keys {
-                        self.db.remove(request_key(key)).map_err(self.sled_err())?;
+                        db.remove(request_key(key)).map_err(self.sled_err())?;
                     }
                 }
             }
         }
         drop(trims);
         if max_token > 0 {
-            self.db
-                .insert(TOKEN_KEY, max_token.to_be_bytes().to_vec())
+            db.insert(TOKEN_KEY, max_token.to_be_bytes().to_vec())
                 .map_err(self.sled_err())?;
         }
         Ok(true)
@@ -433,6 +503,7 @@ impl Store {
     /// it does not know costs one scan).
     fn trim_history(
         &self,
+        db: &sled::Db,
         trims: &mut HashMap<Resource, usize>,
         resource: &Resource,
     ) -> Result<Vec<sled::IVec>, StoreError> {
@@ -445,7 +516,7 @@ impl Store {
         }
         // Unknown or full: scan, and trim to `keep` entries counting the new one.
         let mut keys = Vec::new();
-        for item in self.db.scan_prefix(history_prefix(resource)).keys() {
+        for item in db.scan_prefix(history_prefix(resource)).keys() {
             keys.push(item.map_err(self.sled_err())?);
         }
         let remove = (keys.len() + 1).saturating_sub(keep);
@@ -467,7 +538,7 @@ impl Store {
     ) -> Result<Vec<GrantRecord>, StoreError> {
         let mut out = Vec::new();
         for item in self
-            .db
+            .db()?
             .scan_prefix(history_prefix(resource))
             .rev()
             .take(limit.min(self.options.history_per_resource))
@@ -487,13 +558,41 @@ impl Store {
 
     /// Bytes the database occupies on disk.
     pub fn size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db().map_or(0, |db| db.size_on_disk().unwrap_or(0))
     }
 
     /// Flushes sled's buffers (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(drop).map_err(self.sled_err())
+        self.db()?.flush().map(drop).map_err(self.sled_err())
     }
+}
+
+fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(options.cache_bytes)
+        .flush_every_ms(Some(500))
+        .open()
+        .map_err(|source| StoreError::Sled {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// sled 0.34 keeps its log (every segment) in `db/db`; snapshots are
+/// written and synced by sled itself.
+fn open_log(db_path: &Path, options: &StoreOptions) -> Result<Option<File>, StoreError> {
+    if !options.sync_every_batch {
+        return Ok(None);
+    }
+    let path = db_path.join("db");
+    File::open(&path)
+        .map(Some)
+        .map_err(|source| StoreError::Io {
+            what: "opening",
+            path,
+            source,
+        })
 }
 
 /// Where one change's writes go: straight into the tree, or into one atomic
@@ -793,22 +892,18 @@ mod tests {
             .collect();
         assert_eq!(tokens, [5, 4, 3]);
         // Trimming is amortized: the disk holds at most twice the limit.
+        let r = Resource::new("r").unwrap();
         for t in 7..=60 {
             s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
-            let on_disk =
-                s.db.scan_prefix(history_prefix(&Resource::new("r").unwrap()))
-                    .count();
+            let on_disk = s.db().unwrap().scan_prefix(history_prefix(&r)).count();
             assert!(on_disk <= 6, "{on_disk} history entries after token {t}");
         }
         let tokens: Vec<u64> = s
-            .history(&Resource::new("r").unwrap(), 0)
+            .history(&r, 100)
             .unwrap()
             .iter()
             .map(|g| g.token.0)
             .collect();
-        assert!(tokens.is_empty());
-        let newest = s.history(&Resource::new("r").unwrap(), 100).unwrap();
-        let tokens: Vec<u64> = newest.iter().map(|g| g.token.0).collect();
         assert_eq!(tokens, [60, 59, 58]);
     }
 

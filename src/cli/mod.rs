@@ -4,9 +4,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+pub mod acquire;
 pub mod bench;
 pub mod common;
+pub mod leases;
+pub mod output;
 pub mod serve;
+pub mod status;
 
 /// Leasehold: leases with fencing tokens that never go backwards.
 #[derive(Debug, Parser)]
@@ -22,6 +26,12 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator.
     Serve(serve::ServeArgs),
+    /// Take a lease; run COMMAND under it, or print it.
+    Acquire(acquire::AcquireArgs),
+    /// Operators: list, inspect, revoke and watch leases (admin API).
+    Leases(leases::LeasesArgs),
+    /// Operators: the coordinator's figures (admin API).
+    Status(status::StatusArgs),
     /// Measure a server: `cycle`, `contended`, `keepalive`, `fill`, `ready`.
     Bench(bench::BenchArgs),
 }
@@ -31,10 +41,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 30s, 1m)"))
 }
 
-/// Runs the parsed command.
+/// Runs the parsed command. Operator commands report their failures here,
+/// with the exit codes listed in [`output`].
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    match cli.command {
-        Command::Serve(args) => serve::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+    let result = match cli.command {
+        Command::Serve(args) => return serve::run(args).await,
+        Command::Leases(args) => leases::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Acquire(args) => return acquire::run(args).await,
+        Command::Bench(args) => return bench::run(args).await,
+    };
+    match result {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            let code = e
+                .downcast_ref::<output::Failure>()
+                .map_or(output::EXIT_FAILED, |f| f.code);
+            eprintln!("error: {}", output::error_chain(e.as_ref()));
+            Ok(code)
+        }
     }
 }

@@ -6,11 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::auth::AdminToken;
 use crate::coordinator::Config;
 use crate::lease::Bounds;
 use crate::server::{self, ServerConfig};
 use crate::state::Limits;
 use crate::store::StoreOptions;
+use crate::tls::ServerTlsFiles;
 
 /// Options of `leasehold serve`.
 #[derive(Debug, Args)]
@@ -42,9 +44,37 @@ pub struct ServeArgs {
     /// Most waiters queued in all.
     #[arg(long, default_value_t = Limits::default().max_waiters)]
     pub max_waiters: usize,
+    /// fdatasync the database after every batch, so acknowledged leases and
+    /// releases (not only tokens, which always are) survive a machine crash.
+    /// Costs one device flush per batch of grants.
+    #[arg(long)]
+    pub sync_every_batch: bool,
     /// Past grants kept per resource for `leases history`.
     #[arg(long, default_value_t = StoreOptions::default().history_per_resource)]
     pub history: usize,
+    /// Largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = server::Limits::default().max_message_bytes)]
+    pub max_message_bytes: usize,
+    /// Most calls open at once on one connection (HTTP/2 max concurrent streams).
+    #[arg(long, default_value_t = server::Limits::default().max_streams_per_connection)]
+    pub max_streams_per_connection: u32,
+    /// The server's TLS certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's TLS private key (PEM); needs --tls-cert.
+    #[arg(long, env = "LEASEHOLD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS; needs --tls-cert).
+    #[arg(long, env = "LEASEHOLD_CLIENT_CA", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
+    /// A file holding the admin token; admin calls must then send
+    /// `authorization: Bearer <token>`.
+    #[arg(long, env = "LEASEHOLD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API without a token on a non-loopback address
+    /// (anyone who can connect may revoke leases).
+    #[arg(long)]
+    pub insecure_admin: bool,
 }
 
 impl ServeArgs {
@@ -54,7 +84,39 @@ impl ServeArgs {
             self.min_ttl <= self.max_ttl && !self.min_ttl.is_zero(),
             "--min-ttl must be above zero and at most --max-ttl"
         );
+        anyhow::ensure!(
+            self.max_message_bytes >= 1024,
+            "--max-message-bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            self.max_streams_per_connection >= 1,
+            "--max-streams-per-connection must be at least 1"
+        );
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            _ => None,
+        };
+        // Load now, so a bad path stops the server before it listens.
+        if let Some(tls) = &tls {
+            tls.load()?;
+        }
+        let admin_token = self
+            .admin_token_file
+            .as_deref()
+            .map(AdminToken::from_file)
+            .transpose()?;
         Ok(ServerConfig {
+            tls,
+            admin_token,
+            insecure_admin: self.insecure_admin,
+            limits: server::Limits {
+                max_message_bytes: self.max_message_bytes,
+                max_streams_per_connection: self.max_streams_per_connection,
+            },
             data_dir: self.data_dir.clone(),
             coordinator: Config {
                 bounds: Bounds {
@@ -70,6 +132,7 @@ impl ServeArgs {
                 },
                 store: StoreOptions {
                     history_per_resource: self.history.max(1),
+                    sync_every_batch: self.sync_every_batch,
                     ..StoreOptions::default()
                 },
             },
@@ -80,12 +143,14 @@ impl ServeArgs {
 /// Binds, serves, and returns the exit code once shut down.
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let config = args.config()?;
+    let coordinator = server::open(&config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    // Tests and scripts read this line to learn the port of `--listen 127.0.0.1:0`.
+    // Tests and scripts read this line to learn the port of `--listen
+    // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
-    server::run(listener, config, shutdown_signal()).await?;
+    server::serve(listener, config, coordinator, shutdown_signal()).await?;
     Ok(0)
 }
 

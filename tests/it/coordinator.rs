@@ -461,3 +461,36 @@ async fn held_outcome_is_not_an_error() {
         .into_inner();
     assert!(matches!(resp.outcome, Some(Outcome::Held(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_grants_share_flushes() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let c = server.client().await;
+        for i in 0..32 {
+            let mut c = c.clone();
+            tasks.push(tokio::spawn(async move {
+                grant(&mut c, acquire_req(&format!("g{w}/{i}"), "h", 5000)).await
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = server
+        .admin()
+        .await
+        .stats(proto::StatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.grants, 128);
+    // One flush per grant would mean no group commit at all.
+    assert!(
+        stats.commit_batches < stats.grants / 2,
+        "{} batches for {} grants",
+        stats.commit_batches,
+        stats.grants
+    );
+}

@@ -119,3 +119,20 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+/// With `--sync-every-batch` every acknowledged lease (not only the token
+/// sequence) is fdatasynced; it must still serve and survive `kill -9`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_every_batch_serves_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::spawn(dir.path(), &["--sync-every-batch"]);
+    let max_seen = take_tokens_until_killed(&mut server, "s").await;
+    assert!(max_seen >= 300);
+    let server = ServerProcess::spawn(dir.path(), &["--sync-every-batch"]);
+    let mut c = connect(&server.url()).await;
+    for w in 0..8 {
+        assert!(describe(&mut c, &format!("s/{w}/0")).await.held);
+    }
+    let l = grant(&mut c, acquire_req("after", "h", 1000)).await;
+    assert!(l.token > max_seen);
+}

@@ -3,6 +3,14 @@
 
 mod support;
 
+mod admin;
+mod admin_cli;
 mod bench;
+mod client;
 mod coordinator;
 mod crash;
+mod faults;
+mod fenced_store;
+mod kleppmann;
+mod model;
+mod tls;

@@ -10,7 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use leasehold::auth::{AdminToken, BearerAuth};
+use leasehold::cli::common::AdminClient;
 use leasehold::coordinator::Config;
+use leasehold::proto::admin_service_client::AdminServiceClient;
 use leasehold::proto::lease_service_client::LeaseServiceClient;
 use leasehold::proto::{self, acquire_response::Outcome};
 use leasehold::server::{self, ServerConfig};
@@ -26,6 +29,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: Arc<TempDir>,
     pub config: Config,
+    /// Server options besides the coordinator's (TLS, admin token, limits).
+    pub options: ServerConfig,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -40,15 +45,36 @@ impl TestServer {
         Self::start_in(dir, config).await
     }
 
+    /// A server with these options (their `data_dir` and `coordinator` are
+    /// replaced by a temp dir and `config`).
+    pub async fn start_with_options(config: Config, options: ServerConfig) -> Self {
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        Self::start_in_with(dir, config, options, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
     async fn start_in(dir: Arc<TempDir>, config: Config) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_in_with(
+            dir,
+            config,
+            ServerConfig::default(),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+    }
+
+    async fn start_in_with(
+        dir: Arc<TempDir>,
+        config: Config,
+        options: ServerConfig,
+        addr: SocketAddr,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let server_config = ServerConfig {
             data_dir: dir.path().to_owned(),
             coordinator: config.clone(),
+            ..options.clone()
         };
         let task = tokio::spawn(async move {
             server::run(listener, server_config, async {
@@ -61,6 +87,7 @@ impl TestServer {
             addr,
             dir,
             config,
+            options,
             stop: Some(stop),
             task: Some(task),
         }
@@ -72,6 +99,16 @@ impl TestServer {
 
     pub async fn client(&self) -> Client {
         connect(&self.url()).await
+    }
+
+    /// An admin client without a token (fine on loopback without one).
+    pub async fn admin(&self) -> AdminClient {
+        admin_client(&self.url(), None).await
+    }
+
+    /// An admin client that sends `token`.
+    pub async fn admin_with(&self, token: &str) -> AdminClient {
+        admin_client(&self.url(), Some(token)).await
     }
 
     /// Graceful stop: waits for the server to finish and flush.
@@ -90,7 +127,29 @@ impl TestServer {
     /// Stops and starts again on the same data directory (new port).
     pub async fn restart(&mut self) {
         self.stop().await;
-        let next = Self::start_in(self.dir.clone(), self.config.clone()).await;
+        let next = Self::start_in_with(
+            self.dir.clone(),
+            self.config.clone(),
+            self.options.clone(),
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await;
+        *self = next;
+    }
+}
+
+impl TestServer {
+    /// Stops and starts again on the same data directory and the same port,
+    /// so clients reconnect to it by themselves.
+    pub async fn restart_same_port(&mut self) {
+        self.stop().await;
+        let next = Self::start_in_with(
+            self.dir.clone(),
+            self.config.clone(),
+            self.options.clone(),
+            self.addr,
+        )
+        .await;
         *self = next;
     }
 }
@@ -111,6 +170,31 @@ pub async fn connect(url: &str) -> Client {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("could not connect to {url}");
+}
+
+/// A channel to `url`, retried briefly while the server starts.
+pub async fn channel(url: &str) -> Channel {
+    for _ in 0..100 {
+        if let Ok(c) = Channel::from_shared(url.to_owned())
+            .expect("url")
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("could not connect to {url}");
+}
+
+/// An admin client over `channel`, sending `token` if given.
+pub fn admin_over(channel: Channel, token: Option<&str>) -> AdminClient {
+    let token = token.map(|t| AdminToken::new(t, "test").expect("valid token"));
+    AdminServiceClient::with_interceptor(channel, BearerAuth::new(token.as_ref()))
+}
+
+pub async fn admin_client(url: &str, token: Option<&str>) -> AdminClient {
+    admin_over(channel(url).await, token)
 }
 
 pub fn acquire_req(resource: &str, holder: &str, ttl_ms: u64) -> proto::AcquireRequest {
@@ -173,10 +257,16 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(binary())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
+        let dir = data_dir.to_str().expect("utf-8 temp dir");
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        Self::spawn_program(&binary(), &args)
+    }
+
+    /// Spawns any program that prints `listening on ADDR` as its first line.
+    pub fn spawn_program(program: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -218,5 +308,128 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A loopback TCP proxy that can lose replies: for testing retries.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    swallow: Arc<std::sync::atomic::AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let swallow = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (sw, conns, cut_tx) = (swallow.clone(), connections.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                conns.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let sw = sw.clone();
+                let mut cut_rx = cut_tx.subscribe();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw_half) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw_half);
+                    let down = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = sr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if !sw.load(Ordering::SeqCst) {
+                                cw.write_all(&buf[..n]).await?;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            addr,
+            swallow,
+            cut,
+            connections,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on the server's bytes are dropped; after `after`, every
+    /// open connection is cut and the proxy forwards normally again.
+    pub fn lose_replies_then_cut(&self, after: Duration) {
+        use std::sync::atomic::Ordering;
+        self.swallow.store(true, Ordering::SeqCst);
+        let (swallow, cut) = (self.swallow.clone(), self.cut.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            swallow.store(false, Ordering::SeqCst);
+            cut.send_modify(|g| *g += 1);
+        });
+    }
+}
+
+/// What a `leasehold` CLI run printed and returned.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// The `leasehold` binary with `args`, no stdin, and none of the caller's
+/// `LEASEHOLD_*` variables except `envs`; killed after 10 s.
+pub fn cli_command(args: &[&str], envs: &[(&str, &str)]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(binary());
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for var in [
+        "LEASEHOLD_SERVER",
+        "LEASEHOLD_ADMIN_TOKEN",
+        "LEASEHOLD_ADMIN_TOKEN_FILE",
+        "LEASEHOLD_CA_CERT",
+        "LEASEHOLD_CLIENT_CERT",
+        "LEASEHOLD_CLIENT_KEY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.envs(envs.iter().copied());
+    cmd
+}
+
+/// Runs the CLI to completion (see [`cli_command`]).
+pub async fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> CliOutput {
+    let out = tokio::time::timeout(Duration::from_secs(10), cli_command(args, envs).output())
+        .await
+        .unwrap_or_else(|_| panic!("leasehold {args:?} took more than 10 s"))
+        .expect("run leasehold");
+    CliOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }

@@ -1,0 +1,698 @@
+//! `chaos`: a chaos run with a history checker, on loopback, bounded in time.
+//!
+//! ```text
+//! cargo build --bins --examples
+//! target/debug/examples/chaos --duration 60s --workers 4 --resources 2 [--seed N] [--out DIR]
+//! ```
+//!
+//! It runs real processes: the coordinator (`leasehold serve`, found next to
+//! this example in `target/*/`), the fenced store (`examples/fenced_store`)
+//! and `--workers` copies of itself in worker mode, each looping acquire →
+//! one or two fenced writes → release on `--resources` resources, with random
+//! TTLs (300 ms–1.5 s), waits and think times. Workers reach the coordinator
+//! through a loopback proxy that can cut every link.
+//!
+//! Every 1–3 s the harness injects a fault, drawn at random (each kind once
+//! per round, worker pauses twice, in a shuffled order) and logged to
+//! `DIR/faults.jsonl`:
+//! `kill -9` of the coordinator and a restart on the same port and data;
+//! SIGSTOP/SIGCONT of the coordinator; SIGSTOP of a worker for longer than
+//! any TTL (a GC pause); a restart of the store (SIGTERM or `kill -9`); the
+//! proxy cutting every connection, sometimes after swallowing replies.
+//!
+//! Workers append every operation, with its start and end time (the shared
+//! CLOCK_REALTIME) and result, to `DIR/history/worker-N.jsonl`. At the end
+//! the checker (`check.rs`) verifies the five properties, prints a summary
+//! and, for any violation, the offending slice of history; the exit code is
+//! 0 only if there were none. `--check-only --out DIR` re-checks a finished
+//! run. The seed fixes the random choices, not the timing, so two runs with
+//! one seed differ.
+
+mod check;
+mod worker;
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing_subscriber::EnvFilter;
+
+use check::{Fault, FaultKind, History, RunInfo};
+use worker::now_ns;
+
+/// A chaos run: real processes, random faults, and a history checker.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// How long workers run and faults are injected (then they wind down).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: u32,
+    /// Resources the workers contend for.
+    #[arg(long, default_value_t = 2)]
+    resources: u32,
+    /// Seed of the random choices (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Directory for data, logs and history (default: a new one under /tmp).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Only check the history already in --out, without running anything.
+    #[arg(long, requires = "out")]
+    check_only: bool,
+    /// Worker mode: this process is worker N (used by the harness).
+    #[arg(long, hide = true)]
+    worker: Option<u32>,
+    /// Worker mode: the coordinator's URL.
+    #[arg(long, hide = true)]
+    coordinator: Option<String>,
+    /// Worker mode: the store's URL.
+    #[arg(long, hide = true)]
+    store: Option<String>,
+    /// Worker mode: start no cycle after this unix time (ms).
+    #[arg(long, hide = true)]
+    until_unix_ms: Option<u64>,
+    /// Worker mode: the history file.
+    #[arg(long, hide = true)]
+    history: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("chaos=info,warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let seed = args.seed.unwrap_or_else(now_ns);
+    if let Some(id) = args.worker {
+        return worker::run(worker::WorkerArgs {
+            id,
+            coordinator: args.coordinator.context("--worker needs --coordinator")?,
+            store: args.store.context("--worker needs --store")?,
+            resources: args.resources,
+            seed,
+            until_unix_ms: args
+                .until_unix_ms
+                .context("--worker needs --until-unix-ms")?,
+            history: args.history.context("--worker needs --history")?,
+        })
+        .await;
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("leasehold-chaos-{seed}")));
+    let run = RunInfo {
+        seconds: args.duration.as_secs_f64(),
+        workers: args.workers,
+        resources: args.resources,
+        seed,
+    };
+    let code = if args.check_only {
+        // The parameters the run was started with, if it recorded them.
+        let run = std::fs::read_to_string(out.join("run.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(run);
+        verdict(&out, &run, &[])?
+    } else {
+        tokio::select! {
+            code = harness(&args, &out, &run) => code?,
+            () = interrupted() => {
+                // Dropping the harness future drops every child (kill_on_drop).
+                tracing::warn!("interrupted: stopping every process");
+                130
+            }
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Checks the history in `out`, prints the summary (and any violations),
+/// writes `out/summary.json`, and returns the exit code.
+fn verdict(out: &Path, run: &RunInfo, problems: &[String]) -> anyhow::Result<i32> {
+    let history = History::load(out).map_err(anyhow::Error::msg)?;
+    let report = check::check(&history);
+    if !report.violations.is_empty() {
+        println!("{}", report.explain(&history));
+    }
+    for p in problems {
+        println!("problem: {p}");
+    }
+    println!("{}", report.summary(run));
+    println!("history, logs and data: {}", out.display());
+    let summary = serde_json::json!({
+        "run": run,
+        "figures": report.figures,
+        "violations": report.violations.len(),
+        "problems": problems,
+    });
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )
+    .context("cannot write summary.json")?;
+    Ok(if report.violations.is_empty() && problems.is_empty() {
+        0
+    } else {
+        1
+    })
+}
+
+/// The built binaries this run needs: `leasehold` and the fenced store.
+fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let examples = exe.parent().context("no parent directory")?;
+    let leasehold = examples
+        .parent()
+        .context("no target directory")?
+        .join("leasehold");
+    let store = examples.join("fenced_store");
+    for path in [&leasehold, &store] {
+        if !path.exists() {
+            bail!(
+                "{} is missing: build it first with `cargo build --bins --examples` (add --release for a release run)",
+                path.display()
+            );
+        }
+    }
+    Ok((leasehold, store))
+}
+
+/// A child process, killed when dropped (also on panic or interrupt).
+struct Proc {
+    name: String,
+    child: Child,
+    /// Kept open so the child never writes to a closed pipe.
+    _stdout: Option<tokio::io::Lines<BufReader<ChildStdout>>>,
+}
+
+impl Proc {
+    fn pid(&self) -> anyhow::Result<Pid> {
+        let id = self
+            .child
+            .id()
+            .with_context(|| format!("{} has exited", self.name))?;
+        Ok(Pid::from_raw(id as i32))
+    }
+
+    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        kill(self.pid()?, sig).with_context(|| format!("cannot send {sig} to {}", self.name))
+    }
+
+    /// `kill -9`, and reap it.
+    async fn kill9(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+    }
+
+    /// SIGTERM, then `kill -9` after `grace`. Whether it exited 0 by itself.
+    async fn terminate(&mut self, grace: Duration) -> bool {
+        if self.signal(Signal::SIGTERM).is_err() {
+            return false;
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => status.success(),
+            _ => {
+                self.kill9().await;
+                false
+            }
+        }
+    }
+}
+
+/// Starts a server process that prints `listening on ADDR` first.
+async fn spawn_server(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut child = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))?;
+    let stdout = child.stdout.take().context("no stdout pipe")?;
+    let mut proc = Proc {
+        name: name.to_owned(),
+        child,
+        _stdout: None,
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+    let addr = match line {
+        Ok(Ok(Some(line))) => line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("{name}: unexpected first line {line:?}"))?,
+        _ => {
+            proc.kill9().await;
+            bail!("{name} did not report its address (see its log)");
+        }
+    };
+    proc._stdout = Some(lines);
+    Ok((proc, addr))
+}
+
+/// Starts a server on a fixed address, retrying while the port is still
+/// taken (50 × 100 ms at most).
+async fn respawn_at(
+    name: &str,
+    program: &Path,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let mut last = None;
+    for _ in 0..50 {
+        match spawn_server(name, program, args, log).await {
+            Ok((proc, _)) => return Ok(proc),
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{name} did not start")))
+}
+
+/// A loopback TCP proxy between the workers and the coordinator that can
+/// cut every link, or swallow the coordinator's replies for a while first.
+struct Proxy {
+    addr: SocketAddr,
+    cut: watch::Sender<u64>,
+    swallow: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (cut, _) = watch::channel(0u64);
+        let swallow = Arc::new(AtomicBool::new(false));
+        let (cut_tx, sw) = (cut.clone(), swallow.clone());
+        let task = tokio::spawn(async move {
+            // Bounded: 100,000 links is far more than any run opens.
+            for _ in 0..100_000 {
+                let Ok((client, _)) = listener.accept().await else {
+                    break;
+                };
+                // Subscribe before connecting, so a cut cannot be missed.
+                let mut cut_rx = cut_tx.subscribe();
+                let sw = sw.clone();
+                tokio::spawn(async move {
+                    let Ok(Ok(server)) =
+                        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(target))
+                            .await
+                    else {
+                        return; // the coordinator is down: drop the client's link
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw_half) = server.into_split();
+                    let up = pump(&mut cr, &mut sw_half, None);
+                    let down = pump(&mut sr, &mut cw, Some(&sw));
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(Proxy {
+            addr,
+            cut,
+            swallow,
+            task,
+        })
+    }
+
+    /// Cuts every open link (after swallowing replies for `swallow_for`).
+    async fn cut(&self, swallow_for: Option<Duration>) {
+        if let Some(d) = swallow_for {
+            self.swallow.store(true, Ordering::SeqCst);
+            tokio::time::sleep(d).await;
+        }
+        self.cut.send_modify(|g| *g += 1);
+        self.swallow.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut.send_modify(|g| *g += 1);
+        self.task.abort();
+    }
+}
+
+/// Copies bytes until EOF or an error; drops them while `swallow` is set.
+async fn pump(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    swallow: Option<&AtomicBool>,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        if !swallow.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            to.write_all(&buf[..n]).await?;
+        }
+    }
+}
+
+/// Appends faults to `faults.jsonl` and logs them.
+#[derive(Clone)]
+struct FaultLog(Arc<Mutex<std::fs::File>>);
+
+impl FaultLog {
+    fn record(&self, kind: FaultKind, start_ns: u64, detail: String) {
+        let fault = Fault {
+            kind,
+            start_ns,
+            end_ns: now_ns(),
+            detail,
+        };
+        tracing::info!(kind = kind.label(), detail = %fault.detail, "fault");
+        let mut line = serde_json::to_string(&fault).expect("a fault serializes");
+        line.push('\n');
+        if let Err(e) = self.0.lock().write_all(line.as_bytes()) {
+            tracing::error!(error = %e, "cannot record a fault");
+        }
+    }
+}
+
+/// Whether the worker's last recorded operation left it holding a lease
+/// (a granted acquire or an accepted write, not yet released).
+fn holds_lease(history: &Path) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(history) else {
+        return false;
+    };
+    let len = file.metadata().map_or(0, |m| m.len());
+    let mut tail = String::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(4096)))
+        .is_err()
+        || file.read_to_string(&mut tail).is_err()
+    {
+        return false;
+    }
+    let Some(last) = tail.lines().next_back() else {
+        return false;
+    };
+    serde_json::from_str::<check::Op>(last).is_ok_and(|op| {
+        matches!(
+            (op.op, op.result),
+            (check::OpKind::Acquire, check::Outcome::Granted)
+                | (check::OpKind::Write, check::Outcome::Accepted)
+        )
+    })
+}
+
+/// SIGCONTs every worker still paused when dropped (also on panic), so no
+/// stopped process is left behind.
+struct Paused(Arc<Mutex<HashSet<i32>>>);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        for pid in self.0.lock().drain() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
+}
+
+/// The harness: starts everything, injects faults until the deadline, winds
+/// down, and checks the history.
+async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> {
+    let (leasehold, store_bin) = binaries()?;
+    if out.join("history").exists() {
+        bail!(
+            "{} already holds a run; pick another --out (or --check-only to check it)",
+            out.display()
+        );
+    }
+    for sub in ["coordinator", "store", "history", "logs"] {
+        std::fs::create_dir_all(out.join(sub))
+            .with_context(|| format!("cannot create {}", out.join(sub).display()))?;
+    }
+    std::fs::write(out.join("run.json"), serde_json::to_string(run)?)
+        .context("cannot write run.json")?;
+    let mut rng = StdRng::seed_from_u64(run.seed);
+    let path = |p: &str| out.join(p).to_string_lossy().into_owned();
+    let faults = FaultLog(Arc::new(Mutex::new(
+        std::fs::File::create(out.join("faults.jsonl")).context("cannot create faults.jsonl")?,
+    )));
+    let mut problems = Vec::new();
+
+    let store_args = |listen: &str| {
+        vec![
+            "--listen".to_owned(),
+            listen.to_owned(),
+            "--data-dir".to_owned(),
+            path("store"),
+        ]
+    };
+    let coord_args = |listen: &str| {
+        vec![
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            listen.to_owned(),
+            "--data-dir".to_owned(),
+            path("coordinator"),
+        ]
+    };
+    let store_log = out.join("logs/store.log");
+    let coord_log = out.join("logs/coordinator.log");
+    let (mut store, store_addr) =
+        spawn_server("store", &store_bin, &store_args("127.0.0.1:0"), &store_log).await?;
+    let (mut coordinator, coord_addr) = spawn_server(
+        "coordinator",
+        &leasehold,
+        &coord_args("127.0.0.1:0"),
+        &coord_log,
+    )
+    .await?;
+    let proxy = Proxy::start(coord_addr).await?;
+    tracing::info!(%coord_addr, proxy = %proxy.addr, %store_addr, out = %out.display(), seed = run.seed, "started");
+
+    let until_ns = now_ns() + args.duration.as_nanos() as u64;
+    let exe = std::env::current_exe()?;
+    let mut workers = Vec::new();
+    for id in 0..args.workers {
+        let log = std::fs::File::create(out.join(format!("logs/worker-{id}.log")))?;
+        let child = Command::new(&exe)
+            .args(["--worker", &id.to_string()])
+            .args(["--coordinator", &format!("http://{}", proxy.addr)])
+            .args(["--store", &format!("http://{store_addr}")])
+            .args(["--resources", &args.resources.to_string()])
+            .args(["--seed", &run.seed.to_string()])
+            .args(["--until-unix-ms", &(until_ns / 1_000_000).to_string()])
+            .args(["--history", &path(&format!("history/worker-{id}.jsonl"))])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start a worker")?;
+        workers.push(Proc {
+            name: format!("worker {id}"),
+            child,
+            _stdout: None,
+        });
+    }
+
+    // The fault loop: one fault every 1–3 s, from shuffled rounds of every kind.
+    let paused = Paused(Arc::new(Mutex::new(HashSet::new())));
+    let mut resumes: Vec<JoinHandle<()>> = Vec::new();
+    let mut bag: Vec<FaultKind> = Vec::new();
+    // Bounded: at most one fault per second of the run, plus one.
+    for _ in 0..=args.duration.as_secs() {
+        let gap = Duration::from_millis(rng.random_range(1000..=3000));
+        if now_ns() + gap.as_nanos() as u64 >= until_ns {
+            break;
+        }
+        tokio::time::sleep(gap).await;
+        if bag.is_empty() {
+            // Every kind once per round, and worker pauses twice: they are
+            // what produces stale writes for the store to reject.
+            bag = FaultKind::ALL.to_vec();
+            bag.push(FaultKind::WorkerPause);
+            bag.shuffle(&mut rng);
+        }
+        let kind = bag.pop().expect("refilled above");
+        let start = now_ns();
+        match kind {
+            FaultKind::CoordinatorKill => {
+                coordinator.kill9().await;
+                let down = Duration::from_millis(rng.random_range(0..=500));
+                tokio::time::sleep(down).await;
+                coordinator = respawn_at(
+                    "coordinator",
+                    &leasehold,
+                    &coord_args(&coord_addr.to_string()),
+                    &coord_log,
+                )
+                .await?;
+                faults.record(
+                    kind,
+                    start,
+                    format!("down {} ms, restarted on {coord_addr}", down.as_millis()),
+                );
+            }
+            FaultKind::CoordinatorPause => {
+                let pause = Duration::from_millis(rng.random_range(500..=2000));
+                coordinator.signal(Signal::SIGSTOP)?;
+                tokio::time::sleep(pause).await;
+                coordinator.signal(Signal::SIGCONT)?;
+                faults.record(kind, start, format!("SIGSTOP for {} ms", pause.as_millis()));
+            }
+            FaultKind::WorkerPause => {
+                let free: Vec<usize> = (0..workers.len())
+                    .filter(|&i| {
+                        workers[i]
+                            .pid()
+                            .is_ok_and(|p| !paused.0.lock().contains(&p.as_raw()))
+                    })
+                    .collect();
+                // Prefer a worker that holds a lease: a pause that strikes
+                // between its check and its write is the case fencing is for.
+                let holding: Vec<usize> = free
+                    .iter()
+                    .copied()
+                    .filter(|&i| holds_lease(&out.join(format!("history/worker-{i}.jsonl"))))
+                    .collect();
+                let pick = if holding.is_empty() { &free } else { &holding };
+                let Some(&i) = pick.get(rng.random_range(0..pick.len().max(1))) else {
+                    continue;
+                };
+                let pid = workers[i].pid()?;
+                // Longer than any TTL (1.5 s): the lease expires meanwhile,
+                // and a waiting worker takes over and writes.
+                let pause = Duration::from_millis(rng.random_range(2000..=3500));
+                paused.0.lock().insert(pid.as_raw());
+                workers[i].signal(Signal::SIGSTOP)?;
+                let (set, log) = (paused.0.clone(), faults.clone());
+                resumes.push(tokio::spawn(async move {
+                    tokio::time::sleep(pause).await;
+                    if set.lock().remove(&pid.as_raw()) {
+                        let _ = kill(pid, Signal::SIGCONT);
+                    }
+                    log.record(
+                        kind,
+                        start,
+                        format!("worker {i} SIGSTOP for {} ms", pause.as_millis()),
+                    );
+                }));
+            }
+            FaultKind::StoreRestart => {
+                let how = if rng.random_bool(0.5) {
+                    store.kill9().await;
+                    "kill -9"
+                } else if store.terminate(Duration::from_secs(5)).await {
+                    "SIGTERM"
+                } else {
+                    problems.push("the store did not exit 0 on SIGTERM within 5 s".to_owned());
+                    "SIGTERM (then kill -9)"
+                };
+                store = respawn_at(
+                    "store",
+                    &store_bin,
+                    &store_args(&store_addr.to_string()),
+                    &store_log,
+                )
+                .await?;
+                faults.record(kind, start, format!("{how}, restarted on {store_addr}"));
+            }
+            FaultKind::ConnectionsCut => {
+                let swallow = rng
+                    .random_bool(0.5)
+                    .then(|| Duration::from_millis(rng.random_range(100..=800)));
+                proxy.cut(swallow).await;
+                let detail = match swallow {
+                    Some(d) => format!("replies swallowed for {} ms, then cut", d.as_millis()),
+                    None => "cut".to_owned(),
+                };
+                faults.record(kind, start, detail);
+            }
+        }
+    }
+
+    // Wind down: resume paused workers, let workers finish their cycle.
+    for r in resumes {
+        let _ = tokio::time::timeout(Duration::from_secs(5), r).await;
+    }
+    drop(paused);
+    let wait_until = tokio::time::Instant::now()
+        + Duration::from_nanos(until_ns.saturating_sub(now_ns()))
+        + Duration::from_secs(25);
+    for w in &mut workers {
+        match tokio::time::timeout_at(wait_until, w.child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => problems.push(format!("{} exited with {status}", w.name)),
+            Ok(Err(e)) => problems.push(format!("cannot wait for {}: {e}", w.name)),
+            Err(_) => {
+                w.kill9().await;
+                problems.push(format!("{} did not finish in time; killed", w.name));
+            }
+        }
+    }
+    if !coordinator.terminate(Duration::from_secs(10)).await {
+        problems.push("the coordinator did not exit 0 on SIGTERM within 10 s".into());
+    }
+    if !store.terminate(Duration::from_secs(10)).await {
+        problems.push("the store did not exit 0 on SIGTERM within 10 s".into());
+    }
+    drop(proxy);
+    verdict(out, run, &problems)
+}

@@ -1,0 +1,203 @@
+//! The fenced key-value store (`leasehold::fenced_kv`) over real gRPC: in
+//! process, and as the `fenced_store` example binary killed with SIGKILL.
+//!
+//! Every wait has a timeout, so a hung server fails the test instead of
+//! hanging it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use leasehold::fenced_kv;
+use leasehold::fencing;
+use leasehold::proto::fenced_kv_client::FencedKvClient;
+use leasehold::proto::{GetRequest, GetResponse, PutRequest};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn within<F: std::future::IntoFuture>(what: &str, f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+async fn connect(addr: SocketAddr) -> FencedKvClient<Channel> {
+    within("connect", FencedKvClient::connect(format!("http://{addr}")))
+        .await
+        .expect("connect to the fenced store")
+}
+
+/// Put `value` at `key`, fenced by (`resource`, `token`) if given.
+async fn put(
+    client: &mut FencedKvClient<Channel>,
+    key: &str,
+    value: &str,
+    fence: Option<(&str, u64)>,
+) -> Result<u64, Status> {
+    let mut req = Request::new(PutRequest {
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    });
+    if let Some((resource, token)) = fence {
+        fencing::attach(&mut req, resource, token).expect("valid fence");
+    }
+    within("put", client.put(req))
+        .await
+        .map(|r| r.into_inner().highest_token)
+}
+
+async fn get(client: &mut FencedKvClient<Channel>, key: &str) -> GetResponse {
+    within("get", client.get(GetRequest { key: key.into() }))
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+fn assert_stale(status: &Status, resource: &str, offered: u64, highest: u64) {
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let expected = format!(
+        "stale fencing token for resource {resource:?}: offered {offered}, highest accepted {highest}"
+    );
+    assert!(status.message().contains(&expected), "{status:?}");
+}
+
+#[tokio::test]
+async fn in_process_store_rejects_stale_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let data_dir = dir.path().to_owned();
+    let server = tokio::spawn(async move {
+        fenced_kv::serve(listener, &data_dir, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let mut client = connect(addr).await;
+
+    assert_eq!(
+        put(&mut client, "k", "five", Some(("r", 5))).await.unwrap(),
+        5
+    );
+    // The same lease writes again.
+    assert_eq!(
+        put(&mut client, "k2", "five-b", Some(("r", 5)))
+            .await
+            .unwrap(),
+        5
+    );
+
+    let status = put(&mut client, "k", "four", Some(("r", 4)))
+        .await
+        .unwrap_err();
+    assert_stale(&status, "r", 4, 5);
+    // One resource protects every key written under it.
+    let status = put(&mut client, "elsewhere", "four", Some(("r", 4)))
+        .await
+        .unwrap_err();
+    assert_stale(&status, "r", 4, 5);
+    assert!(!get(&mut client, "elsewhere").await.found);
+
+    let got = get(&mut client, "k").await;
+    assert_eq!(
+        (got.found, got.value.as_slice(), got.token),
+        (true, &b"five"[..], 5)
+    );
+
+    // A write without a fence is refused, naming what is missing.
+    let status = put(&mut client, "k", "unfenced", None).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("leasehold-"), "{status:?}");
+    // A malformed token is refused by the interceptor, for any method.
+    let mut req = Request::new(GetRequest { key: "k".into() });
+    req.metadata_mut()
+        .insert(fencing::RESOURCE_METADATA_KEY, "r".parse().unwrap());
+    req.metadata_mut()
+        .insert(fencing::TOKEN_METADATA_KEY, "five".parse().unwrap());
+    let status = within("get", client.get(req)).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("leasehold-token"), "{status:?}");
+    assert_eq!(get(&mut client, "k").await.token, 5);
+
+    stop.send(()).unwrap();
+    within("shutdown", server).await.unwrap().unwrap();
+}
+
+/// The `fenced_store` example binary, built by `cargo test` (or `cargo build
+/// --examples`) next to the crate's own binary.
+fn example_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_leasehold"))
+        .parent()
+        .expect("the binary's directory")
+        .join("examples/fenced_store");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples` first (plain `cargo test` builds it, \
+         `cargo test --test it` does not)",
+        path.display()
+    );
+    path
+}
+
+/// Starts `fenced_store` on `data_dir` and reads the port from its one line
+/// of stdout.
+async fn spawn_store(data_dir: &Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(example_binary())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn fenced_store");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    within(
+        "the `listening on` line",
+        BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .expect("read stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("an address after `listening on`");
+    (child, addr)
+}
+
+#[tokio::test]
+async fn acknowledged_writes_and_marks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let (mut first, addr) = spawn_store(dir.path()).await;
+    let mut client = connect(addr).await;
+    assert_eq!(
+        put(&mut client, "k", "nine", Some(("r", 9))).await.unwrap(),
+        9
+    );
+    // SIGKILL, then reap: no chance to flush or clean up.
+    within("kill -9", first.kill()).await.expect("kill -9");
+    drop(client);
+
+    let (mut second, addr) = spawn_store(dir.path()).await;
+    let mut client = connect(addr).await;
+    let status = put(&mut client, "k", "eight", Some(("r", 8)))
+        .await
+        .unwrap_err();
+    assert_stale(&status, "r", 8, 9);
+    let got = get(&mut client, "k").await;
+    assert_eq!(
+        (got.found, got.value.as_slice(), got.token),
+        (true, &b"nine"[..], 9)
+    );
+    within("kill", second.kill()).await.expect("kill");
+}
