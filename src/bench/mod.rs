@@ -13,13 +13,16 @@
 //!   with no two holders overlapping and tokens increasing in grant order.
 //! - [`keepalive`]: many live leases renewed over a few KeepAlive streams;
 //!   renewals per second, server CPU, spurious expiries (must be 0).
-//! - [`fill`] and [`ready`]: hold a million leases, then time a restart.
+//! - [`fill`](scale::fill) and [`ready`](scale::ready): hold a million
+//!   leases, then time a restart.
+//! - [`guard`]: the storage-side guard library in-process (memory and sled).
 //!
 //! The workloads speak plain gRPC through the generated client, so what is
 //! measured is the server, not a client library's retries.
 
 pub mod contended;
 pub mod cycle;
+pub mod guard;
 pub mod keepalive;
 pub mod report;
 pub mod scale;

@@ -264,7 +264,7 @@ pub struct Latency {
 impl Latency {
     /// The quantiles of `h`.
     pub fn of(h: &Histogram) -> Self {
-        let us = |d: Duration| (d.as_nanos() as f64 / 1000.0 * 10.0).round() / 10.0;
+        let us = |d: Duration| (d.as_nanos() as f64 / 1000.0 * 1000.0).round() / 1000.0;
         Latency {
             p50_us: us(h.quantile(0.50)),
             p90_us: us(h.quantile(0.90)),
@@ -367,9 +367,11 @@ pub fn thousands(v: f64) -> String {
     out
 }
 
-/// Microseconds as a short human figure: `850 µs`, `1.25 ms`, `3.1 s`.
+/// Microseconds as a short human figure: `0.08 µs`, `850 µs`, `1.25 ms`, `3.10 s`.
 pub fn human_us(us: f64) -> String {
-    if us < 1000.0 {
+    if us < 10.0 {
+        format!("{us:.2} µs")
+    } else if us < 1000.0 {
         format!("{us:.0} µs")
     } else if us < 1_000_000.0 {
         format!("{:.2} ms", us / 1000.0)

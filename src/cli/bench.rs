@@ -120,6 +120,30 @@ pub enum Workload {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// The guard library in-process (no server): memory checks/s, sled guarded writes/s.
+    Guard {
+        /// How long each of the three runs measures.
+        #[arg(long, short = 'd', default_value = "5s", value_parser = super::parse_duration)]
+        duration: Duration,
+        /// Warm-up before each run.
+        #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+        warmup: Duration,
+        /// Distinct resource names.
+        #[arg(long, default_value_t = 1024)]
+        resources: usize,
+        /// Threads for the sled run without flush.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Concurrent writers for the durable (group-committed) sled run.
+        #[arg(long, default_value_t = 64)]
+        writers: usize,
+        /// Stop each run after this many ops.
+        #[arg(long, default_value_t = 100_000_000)]
+        max_ops: u64,
+        /// Print one line of JSON per run instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Poll until the server answers Describe on `resource`; prints the time.
     Ready {
         /// A resource that should be held (for example `PREFIX/0` of a fill).
@@ -136,7 +160,50 @@ pub enum Workload {
 
 /// Runs the workload and prints its report; the exit code says whether it passed.
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
-    let (report, json): (Report, bool) = match args.workload {
+    let (reports, json): (Vec<Report>, bool) = match args.workload {
+        Workload::Guard {
+            duration,
+            warmup,
+            resources,
+            threads,
+            writers,
+            max_ops,
+            json,
+        } => {
+            let g = bench::guard::GuardOptions {
+                duration,
+                warmup,
+                resources,
+                threads,
+                writers,
+                max_ops,
+            };
+            (bench::guard::run(&g).await?, json)
+        }
+        other => {
+            let (report, json) = run_one(other).await?;
+            (vec![report], json)
+        }
+    };
+    // A closed stdout (`| head`) is not worth a panic: the exit code still tells.
+    let mut out = std::io::stdout().lock();
+    for report in &reports {
+        let _ = if json {
+            writeln!(out, "{}", report.to_json())
+        } else {
+            write!(out, "{report}")
+        };
+    }
+    Ok(if reports.iter().all(Report::passed) {
+        0
+    } else {
+        1
+    })
+}
+
+async fn run_one(workload: Workload) -> anyhow::Result<(Report, bool)> {
+    Ok(match workload {
+        Workload::Guard { .. } => unreachable!("handled by run"),
         Workload::Cycle { fresh, common } => (
             bench::cycle::run(&common.options(), fresh).await?,
             common.json,
@@ -185,13 +252,5 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
             bench::scale::ready(&common.options(), &resource, true, timeout).await?,
             common.json,
         ),
-    };
-    // A closed stdout (`| head`) is not worth a panic: the exit code still tells.
-    let mut out = std::io::stdout().lock();
-    let _ = if json {
-        writeln!(out, "{}", report.to_json())
-    } else {
-        write!(out, "{report}")
-    };
-    Ok(if report.passed() { 0 } else { 1 })
+    })
 }

@@ -81,3 +81,21 @@ async fn fill_then_ready_after_restart() {
         .unwrap();
     assert_passed(&ready);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_smoke() {
+    let g = bench::guard::GuardOptions {
+        duration: Duration::from_millis(300),
+        warmup: Duration::from_millis(50),
+        resources: 64,
+        threads: 2,
+        writers: 8,
+        max_ops: 1_000_000,
+    };
+    let reports = bench::guard::run(&g).await.unwrap();
+    let names: Vec<&str> = reports.iter().map(|r| r.workload.as_str()).collect();
+    assert_eq!(names, ["guard-memory", "guard-sled", "guard-sled-durable"]);
+    for r in &reports {
+        assert_passed(r);
+    }
+}

@@ -1,0 +1,227 @@
+//! `bench guard`: the storage-side guard library in-process, no server.
+//!
+//! Three runs, one report each:
+//! - `guard-memory`: [`MemoryGuard::check_and_record`] on one thread (one
+//!   core), cycling over `resources` names with rising tokens: checks/s.
+//! - `guard-sled`: [`SledGuard::write`] (check + one data insert + mark, one
+//!   sled transaction) without flushing, on `threads` threads: guarded
+//!   writes/s.
+//! - `guard-sled-durable`: [`SledGuard::write_durable`] from `writers`
+//!   threads at once, so their flushes are group-committed by the guard's
+//!   one flusher thread: durable guarded writes/s.
+//!
+//! Latency: the memory run times batches of [`BATCH`] checks and records
+//! each batch's mean per check (timing every 100-ns check would double its
+//! cost); the sled runs time every write. Checks: a stale token is refused
+//! with `StaleToken` and nothing is written, and the mark equals the last
+//! token offered, on every backend.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{BenchError, Check, Report, Tally, Window};
+use crate::guard::{GuardError, MemoryGuard, SledGuard};
+
+/// Checks per timed batch in the memory run.
+pub const BATCH: u64 = 256;
+
+/// Options of the guard workload.
+#[derive(Debug, Clone)]
+pub struct GuardOptions {
+    /// How long each run measures.
+    pub duration: Duration,
+    /// Warm-up before each run.
+    pub warmup: Duration,
+    /// Distinct resource names.
+    pub resources: usize,
+    /// Threads for the sled run without flush.
+    pub threads: usize,
+    /// Concurrent writers for the durable sled run.
+    pub writers: usize,
+    /// Stop each run after this many ops.
+    pub max_ops: u64,
+}
+
+/// Runs the three guard runs; returns their reports in order.
+pub async fn run(g: &GuardOptions) -> Result<Vec<Report>, BenchError> {
+    let g = g.clone();
+    tokio::task::spawn_blocking(move || {
+        let memory = memory(&g);
+        let plain = with_sled(|guard, data| sled_run(&g, guard, data, false))?;
+        let durable = with_sled(|guard, data| sled_run(&g, guard, data, true))?;
+        Ok(vec![memory, plain, durable])
+    })
+    .await
+    .map_err(|e| BenchError::Setup(format!("the guard benchmark panicked: {e}")))?
+}
+
+/// Runs `f` over a guard and a data tree in a fresh sled database in the
+/// temporary directory, removed afterwards. Each run gets its own database,
+/// so one run's unflushed backlog does not land in the next one's window.
+fn with_sled(f: impl FnOnce(&SledGuard, &sled::Tree) -> Report) -> Result<Report, BenchError> {
+    let dir = std::env::temp_dir().join(format!("leasehold-bench-guard-{}", super::run_tag()));
+    let result = (|| {
+        let db = sled::Config::new()
+            .path(&dir)
+            .open()
+            .map_err(|e| BenchError::Setup(format!("opening sled in {}: {e}", dir.display())))?;
+        let guard = SledGuard::open(&db)
+            .map_err(|e| BenchError::Setup(format!("opening the guard: {e}")))?;
+        let data = db
+            .open_tree("data")
+            .map_err(|e| BenchError::Setup(format!("opening the data tree: {e}")))?;
+        Ok(f(&guard, &data))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n.max(1)).map(|i| format!("bench/guard/{i}")).collect()
+}
+
+fn memory(g: &GuardOptions) -> Report {
+    let guard = MemoryGuard::new();
+    let names = names(g.resources);
+    let window = Window::new(g.warmup, g.duration, g.max_ops);
+    let mut tally = Tally::default();
+    let mut token = 0u64;
+    let mut i = 0usize;
+    let mut refused = 0u64;
+    while window.running() {
+        let t0 = Instant::now();
+        for _ in 0..BATCH {
+            token += 1;
+            // Rising tokens: every check is admitted and raises the mark.
+            if guard.check_and_record(&names[i], token).is_err() {
+                refused += 1;
+            }
+            i += 1;
+            if i == names.len() {
+                i = 0;
+            }
+        }
+        let t1 = Instant::now();
+        if window.measuring(t0) && t1 <= window.to {
+            let per = (t1 - t0) / BATCH as u32;
+            for _ in 0..BATCH {
+                tally.hist.record(per);
+            }
+            tally.ops += BATCH;
+        }
+    }
+    let mut report = Report::new(
+        "leasehold",
+        "guard-memory",
+        "check",
+        1,
+        0,
+        window.to - window.from,
+        &tally,
+    );
+    let last = names.len() - 1;
+    let stale = guard.check_and_record(&names[last], 0);
+    let mark = guard.highest(&names[(i + names.len() - 1) % names.len()]);
+    report.checks = vec![
+        Check::new(
+            "admitted-rising",
+            refused == 0 && tally.ops > 0,
+            format!("{refused} rising tokens refused"),
+        ),
+        Check::new(
+            "stale-refused",
+            matches!(stale, Err(GuardError::StaleToken { .. })),
+            "token 0 after higher tokens is refused with StaleToken",
+        ),
+        Check::new(
+            "mark-is-last",
+            mark == Some(token),
+            format!("mark {mark:?}, last token {token}"),
+        ),
+    ];
+    report
+}
+
+fn sled_run(g: &GuardOptions, guard: &SledGuard, data: &sled::Tree, durable: bool) -> Report {
+    let names = Arc::new(names(g.resources));
+    let threads = if durable { g.writers } else { g.threads }.max(1);
+    let window = Arc::new(Window::new(g.warmup, g.duration, g.max_ops));
+    let token = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let (guard, data, names, window, token) = (
+            guard.clone(),
+            data.clone(),
+            names.clone(),
+            window.clone(),
+            token.clone(),
+        );
+        handles.push(std::thread::spawn(move || {
+            let mut tally = Tally::default();
+            let mut i = t;
+            while window.running() {
+                // Each thread owns the names i ≡ t (mod threads): no conflicts,
+                // and its tokens rise, so every write is admitted.
+                let name = &names[i % names.len()];
+                i += threads;
+                let tok = token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let value = tok.to_be_bytes();
+                let t0 = Instant::now();
+                let write = |tx: &sled::transaction::TransactionalTree| {
+                    tx.insert(name.as_bytes(), &value[..])?;
+                    Ok::<
+                        (),
+                        sled::transaction::ConflictableTransactionError<std::convert::Infallible>,
+                    >(())
+                };
+                let result = if durable {
+                    guard.write_durable(name, tok, &data, write)
+                } else {
+                    guard.write(name, tok, &data, write)
+                };
+                match result {
+                    Ok(()) => {
+                        window.record(&mut tally, t0, Instant::now());
+                    }
+                    Err(e) => tally.error(e),
+                }
+            }
+            tally
+        }));
+    }
+    let mut tally = Tally::default();
+    for h in handles {
+        match h.join() {
+            Ok(t) => tally.merge(&t),
+            Err(_) => tally.error("a writer thread panicked"),
+        }
+    }
+    let workload = if durable {
+        "guard-sled-durable"
+    } else {
+        "guard-sled"
+    };
+    let mut report = Report::new(
+        "leasehold",
+        workload,
+        "write",
+        threads,
+        0,
+        window.measured(),
+        &tally,
+    );
+    // A stale write is refused and writes nothing.
+    let name = &names[0];
+    let before = data.get(name.as_bytes()).ok().flatten();
+    let stale = guard.write(name, 0, data, |tx| {
+        tx.insert(name.as_bytes(), &b"stale"[..])?;
+        Ok::<(), sled::transaction::ConflictableTransactionError<std::convert::Infallible>>(())
+    });
+    let after = data.get(name.as_bytes()).ok().flatten();
+    report.checks = vec![Check::new(
+        "stale-refused",
+        matches!(stale, Err(GuardError::StaleToken { .. })) && before == after && tally.ops > 0,
+        "token 0 is refused with StaleToken and the data is unchanged",
+    )];
+    report
+}
