@@ -98,7 +98,7 @@ impl Default for Options {
         Options {
             server: "http://127.0.0.1:7420".into(),
             concurrency: 64,
-            connections: 1,
+            connections: 4,
             ttl: Duration::from_secs(10),
             duration: Duration::from_secs(10),
             warmup: Duration::from_secs(1),

@@ -8,7 +8,8 @@
 //! code is `src/bench/report.rs` of the main crate, included by path.
 //!
 //! Equivalent operations:
-//! - etcd `cycle`: one lease per worker (granted once), then Lock(name, lease)
+//! - etcd `cycle`: one lease per worker (granted once, with a TTL longer than
+//!   the run, since nothing renews it), then Lock(name, lease)
 //!   → Unlock(key) on the worker's own name; `cycle-lease` also grants and
 //!   revokes a lease every cycle (what a Leasehold cycle does: every Acquire
 //!   makes a new lease). Token: the Lock response's header revision.
@@ -233,6 +234,10 @@ async fn etcd(workload: EtcdWorkload, c: &Common) -> anyhow::Result<Report> {
         .with_context(|| format!("cannot connect to etcd at {}", c.endpoint))?;
     let tag = tag();
     let ttl_s = c.ttl.as_secs().max(1) as i64;
+    // A worker's own lease must outlive the run: nothing keeps it alive, and
+    // an expired lease makes every later Lock fail with "lease not found".
+    let run = c.warmup + c.duration + 2 * c.op_timeout;
+    let worker_ttl_s = ttl_s.max(run.as_secs() as i64 + 10);
     let window = Arc::new(Window::new(c.warmup, c.duration, c.max_ops));
     let usage = tokio::spawn(usage_at_window_start_arc(window.clone(), c.server_pid));
     let contention = Arc::new(Contention::default());
@@ -249,7 +254,13 @@ async fn etcd(workload: EtcdWorkload, c: &Common) -> anyhow::Result<Report> {
             let per_cycle = matches!(workload, EtcdWorkload::CycleLease);
             let mut lease = 0;
             if !per_cycle {
-                match timed("LeaseGrant", c.op_timeout, client.lease_grant(ttl_s, None)).await {
+                match timed(
+                    "LeaseGrant",
+                    c.op_timeout,
+                    client.lease_grant(worker_ttl_s, None),
+                )
+                .await
+                {
                     Ok(r) => lease = r.id(),
                     Err(e) => {
                         me.tally.error(e);
