@@ -582,6 +582,11 @@ impl Coordinator {
             let _ = tx.send(Err(CoordinatorError::ShuttingDown));
         }
         self.shared.committer.close();
+        // Other clones (a connection still winding down) may keep `Shared`
+        // alive a little longer; the database is released now regardless.
+        if let Err(e) = self.shared.store.close() {
+            tracing::error!(error = %e, "closing the store failed");
+        }
     }
 
     async fn run_timer(self) {

@@ -231,6 +231,8 @@ pub struct Store {
     db: parking_lot::Mutex<Option<sled::Db>>,
     /// Set by an I/O error; the next commit reopens the database.
     broken: std::sync::atomic::AtomicBool,
+    /// Set by [`Store::close`]: the database is gone for good.
+    closed: std::sync::atomic::AtomicBool,
     last_reopen: parking_lot::Mutex<Option<std::time::Instant>>,
     /// sled's log file, for `fdatasync` when `sync_every_batch` is on.
     log: parking_lot::Mutex<Option<File>>,
@@ -262,6 +264,7 @@ impl Store {
             log: parking_lot::Mutex::new(log),
             db: parking_lot::Mutex::new(Some(db)),
             broken: std::sync::atomic::AtomicBool::new(false),
+            closed: std::sync::atomic::AtomicBool::new(false),
             last_reopen: parking_lot::Mutex::new(None),
             db_path,
             reservation: parking_lot::Mutex::new(reservation),
@@ -286,6 +289,9 @@ impl Store {
 
     /// A handle to the open database.
     fn db(&self) -> Result<sled::Db, StoreError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
         self.db.lock().clone().ok_or_else(|| StoreError::Sled {
             path: self.db_path.clone(),
             source: sled::Error::Unsupported(
@@ -294,10 +300,28 @@ impl Store {
         })
     }
 
+    /// Flushes and closes the database now, even while other parts of the
+    /// server still hold the `Store`: sled locks its directory until its
+    /// last handle is gone, and a server restarted in the same process (or a
+    /// quick restart by a supervisor) must be able to open it at once.
+    /// Every later call fails with [`StoreError::Closed`].
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let db = self.db.lock().take();
+        *self.log.lock() = None;
+        match db {
+            Some(db) => db.flush().map(drop).map_err(self.sled_err()),
+            None => Ok(()),
+        }
+    }
+
     /// Reopens the database after an I/O error, so the server recovers by
     /// itself once the disk has room again. sled's recovery drops whatever
     /// the failed writes left half-done; nothing that failed was acknowledged.
     fn reopen(&self) -> Result<(), StoreError> {
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
         let mut slot = self.db.lock();
         {
             // At most one attempt per interval: a full disk stays full for a while.
