@@ -410,17 +410,48 @@ async fn pump(
     }
 }
 
+/// An operator's revoke, straight to the coordinator (the admin API is open
+/// on loopback): the token of the lease it ended, if any.
+async fn revoke(coordinator: SocketAddr, resource: &str) -> anyhow::Result<Option<u64>> {
+    use leasehold::proto::{admin_service_client::AdminServiceClient, RevokeRequest};
+    let call = async {
+        let mut admin = AdminServiceClient::connect(format!("http://{coordinator}")).await?;
+        let resp = admin
+            .revoke(RevokeRequest {
+                resource: resource.to_owned(),
+                ..RevokeRequest::default()
+            })
+            .await?
+            .into_inner();
+        anyhow::Ok(resp.revoked.then(|| resp.lease.map_or(0, |l| l.token)))
+    };
+    tokio::time::timeout(Duration::from_secs(3), call)
+        .await
+        .context("no answer within 3 s")?
+}
+
 /// Appends faults to `faults.jsonl` and logs them.
 #[derive(Clone)]
 struct FaultLog(Arc<Mutex<std::fs::File>>);
 
 impl FaultLog {
     fn record(&self, kind: FaultKind, start_ns: u64, detail: String) {
+        self.record_revoke(kind, start_ns, detail, None);
+    }
+
+    fn record_revoke(
+        &self,
+        kind: FaultKind,
+        start_ns: u64,
+        detail: String,
+        revoked: Option<(String, u64)>,
+    ) {
         let fault = Fault {
             kind,
             start_ns,
             end_ns: now_ns(),
             detail,
+            revoked,
         };
         tracing::info!(kind = kind.label(), detail = %fault.detail, "fault");
         let mut line = serde_json::to_string(&fault).expect("a fault serializes");
@@ -664,6 +695,18 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
                     None => "cut".to_owned(),
                 };
                 faults.record(kind, start, detail);
+            }
+            FaultKind::Revoke => {
+                let resource = format!("r{}", rng.random_range(0..args.resources.max(1)));
+                let (detail, revoked) = match revoke(coord_addr, &resource).await {
+                    Ok(Some(token)) => (
+                        format!("revoked {resource} (token {token})"),
+                        Some((resource, token)),
+                    ),
+                    Ok(None) => (format!("nothing held on {resource}"), None),
+                    Err(e) => (format!("revoke of {resource} failed: {e}"), None),
+                };
+                faults.record_revoke(kind, start, detail, revoked);
             }
         }
     }
