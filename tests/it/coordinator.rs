@@ -494,3 +494,33 @@ async fn concurrent_grants_share_flushes() {
         stats.grants
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_waiters_and_keeps_what_was_granted() {
+    let mut server = TestServer::start().await;
+    let mut c = server.client().await;
+    let a = grant(&mut c, acquire_req("r", "a", 60_000)).await;
+    let mut wc = server.client().await;
+    let mut req = acquire_req("r", "w", 60_000);
+    req.wait_ms = 60_000;
+    let waiter = tokio::spawn(async move { wc.acquire(req).await });
+    wait_for_waiters(&mut c, "r", 1).await;
+
+    // A graceful stop answers the waiter at once instead of leaving it
+    // hanging for its minute, and finishes well within the test's bound.
+    let started = Instant::now();
+    server.stop().await;
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the waiter was left hanging")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let status = answer.expect_err("a waiter cannot be granted by a stopping server");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+
+    // Everything acknowledged before the stop is still there.
+    server.restart().await;
+    let mut c = server.client().await;
+    let d = describe(&mut c, "r").await;
+    assert_eq!((d.held, d.token, d.waiters), (true, a.token, 0));
+}
