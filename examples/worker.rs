@@ -13,7 +13,7 @@
 //! The write is still safe: the store rejects a token older than one it
 //! has already accepted.
 //!
-//! Prints `acquired RESOURCE token N`, then `accepted highest H` or
+//! Prints `acquired RESOURCE token N` once it has checked its lease, then `accepted highest H` or
 //! `rejected: REASON` (exit code 2).
 
 use std::io::Write;
@@ -62,10 +62,11 @@ async fn main() -> anyhow::Result<()> {
         .ttl(args.ttl)
         .wait(args.wait)
         .await?;
+    // Check, then announce: a pause that strikes after this line falls
+    // between the check and the write, where fencing has to catch it.
+    anyhow::ensure!(lease.is_valid(), "the lease ran out before the write");
     println!("acquired {} token {}", lease.resource(), lease.token());
     std::io::stdout().flush()?;
-
-    anyhow::ensure!(lease.is_valid(), "the lease ran out before the write");
     tokio::time::sleep(args.pause_before_write).await;
 
     let mut store = FencedKvClient::connect(args.store.clone())
