@@ -14,16 +14,15 @@
 //! stream ends with RESOURCE_EXHAUSTED saying how far behind it fell.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{Coordinator, CoordinatorError, Event, WATCH_BUFFER};
+use crate::coordinator::{Coordinator, Event, WATCH_BUFFER};
 use crate::lease::{EndKind, FencingToken, InvalidField, LeaseId, Resource};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::service::status;
+use crate::service::{invalid, ms, status};
 use crate::state::{Change, LeaseMatch, LeaseRecord, LeaseView};
 use crate::store::GrantRecord;
 
@@ -31,14 +30,6 @@ use crate::store::GrantRecord;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Largest ListLeases page.
 pub const MAX_PAGE_SIZE: usize = 1000;
-
-fn invalid(e: InvalidField) -> Status {
-    status(CoordinatorError::Invalid(e))
-}
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis().min(u128::from(u64::MAX)) as u64
-}
 
 /// The operator's view of a live lease (no lease id).
 pub fn lease_info(v: &LeaseView) -> proto::LeaseInfo {

@@ -42,11 +42,13 @@ pub fn status(err: CoordinatorError) -> Status {
     }
 }
 
-fn invalid(e: InvalidField) -> Status {
+/// A validation failure as INVALID_ARGUMENT naming the field.
+pub(crate) fn invalid(e: InvalidField) -> Status {
     status(CoordinatorError::Invalid(e))
 }
 
-fn ms(d: Duration) -> u64 {
+/// A duration as the wire's milliseconds (saturating).
+pub(crate) fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
