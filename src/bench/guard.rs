@@ -25,20 +25,26 @@ use crate::guard::{GuardError, MemoryGuard, SledGuard};
 /// Checks per timed batch in the memory run.
 pub const BATCH: u64 = 256;
 
-/// Options of the guard workload.
-#[derive(Debug, Clone)]
+/// Options of the guard workload (also its command-line flags).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GuardOptions {
-    /// How long each run measures.
+    /// How long each of the three runs measures.
+    #[arg(long, short = 'd', default_value = "5s", value_parser = crate::cli::parse_duration)]
     pub duration: Duration,
     /// Warm-up before each run.
+    #[arg(long, default_value = "1s", value_parser = crate::cli::parse_duration)]
     pub warmup: Duration,
     /// Distinct resource names.
+    #[arg(long, default_value_t = 1024)]
     pub resources: usize,
     /// Threads for the sled run without flush.
+    #[arg(long, default_value_t = 2)]
     pub threads: usize,
-    /// Concurrent writers for the durable sled run.
+    /// Concurrent writers for the durable (group-committed) sled run.
+    #[arg(long, default_value_t = 64)]
     pub writers: usize,
     /// Stop each run after this many ops.
+    #[arg(long, default_value_t = 100_000_000)]
     pub max_ops: u64,
 }
 

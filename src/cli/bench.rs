@@ -124,24 +124,9 @@ pub enum Workload {
     },
     /// The guard library in-process (no server): memory checks/s, sled guarded writes/s.
     Guard {
-        /// How long each of the three runs measures.
-        #[arg(long, short = 'd', default_value = "5s", value_parser = super::parse_duration)]
-        duration: Duration,
-        /// Warm-up before each run.
-        #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
-        warmup: Duration,
-        /// Distinct resource names.
-        #[arg(long, default_value_t = 1024)]
-        resources: usize,
-        /// Threads for the sled run without flush.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Concurrent writers for the durable (group-committed) sled run.
-        #[arg(long, default_value_t = 64)]
-        writers: usize,
-        /// Stop each run after this many ops.
-        #[arg(long, default_value_t = 100_000_000)]
-        max_ops: u64,
+        /// The runs' options.
+        #[command(flatten)]
+        options: bench::guard::GuardOptions,
         /// Print one line of JSON per run instead of text.
         #[arg(long)]
         json: bool,
@@ -163,25 +148,7 @@ pub enum Workload {
 /// Runs the workload and prints its report; the exit code says whether it passed.
 pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
     let (reports, json): (Vec<Report>, bool) = match args.workload {
-        Workload::Guard {
-            duration,
-            warmup,
-            resources,
-            threads,
-            writers,
-            max_ops,
-            json,
-        } => {
-            let g = bench::guard::GuardOptions {
-                duration,
-                warmup,
-                resources,
-                threads,
-                writers,
-                max_ops,
-            };
-            (bench::guard::run(&g).await?, json)
-        }
+        Workload::Guard { options, json } => (bench::guard::run(&options).await?, json),
         other => {
             let (report, json) = run_one(other).await?;
             (vec![report], json)
