@@ -1,17 +1,18 @@
-//! Group commit: one thread writes every change, one flush per batch.
+//! Group commit: one thread writes every change, one `fdatasync` per batch.
 //!
 //! The coordinator decides under its lock and, still under the lock, hands
 //! the resulting [`Job`] to the [`Committer`]; so jobs reach the disk in the
 //! order the state machine produced them. The committer thread takes the
 //! first job, drains every job that queued up meanwhile, writes them all with
-//! one [`Store::commit`] (the changes in order, one `flush()`, and an
-//! `fdatasync` of the token reservation when it must grow), and only then
-//! runs each job's replies. A grant is therefore never answered before it is
-//! durable, and concurrent grants share one flush: the busier the server, the
-//! larger the batches.
+//! one [`Store::commit`] (the changes in order as one log record, one
+//! `fdatasync`, plus one of the token reservation when it must grow), and
+//! only then runs each job's replies. A grant is therefore never answered
+//! before it is durable, and concurrent grants share one sync: the busier
+//! the server, the larger the batches.
 //!
-//! There is exactly one flusher, which also sidesteps sled 0.34's
-//! `flush_async()` hang with many concurrent callers (see shared FACTS).
+//! There is exactly one writer, so the log needs no locking of its own and
+//! sled's `flush_async()` (which hangs with many concurrent callers, see
+//! shared FACTS) is never called.
 //!
 //! A job with no changes is a barrier: its replies run once every job before
 //! it is durable. The coordinator uses that before it shows anyone state that
@@ -82,12 +83,12 @@ impl Committer {
         }
     }
 
-    /// Batches written so far that held changes (each cost one flush).
+    /// Batches written so far that held changes (each cost one sync).
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
     }
 
-    /// Writes what is queued, flushes, and stops the thread.
+    /// Writes what is queued and stops the thread.
     pub fn close(&self) {
         drop(self.tx.lock().take());
         if let Some(thread) = self.thread.lock().take() {
@@ -128,8 +129,5 @@ fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Job>, batches: &Atomic
                 reply(result.clone());
             }
         }
-    }
-    if let Err(e) = store.flush() {
-        tracing::error!(error = %e, "final flush failed");
     }
 }

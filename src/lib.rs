@@ -5,7 +5,8 @@
 //! - [`lease`]: validated domain types (resource, holder, lease id, token).
 //! - [`state`]: the pure lease state machine; time is an argument, no I/O.
 //! - [`store`]: the only module that knows sled and the disk.
-//! - [`commit`]: group commit; one thread, one flush per batch.
+//! - [`wal`]: the store's write-ahead log; one `fdatasync` per batch.
+//! - [`commit`]: group commit; one thread, one sync per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`admin`]: the operator API (list, revoke, watch, history, stats).
@@ -81,6 +82,7 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod wal;
 
 /// Generated gRPC types for `leasehold.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -44,11 +44,6 @@ pub struct ServeArgs {
     /// Most waiters queued in all.
     #[arg(long, default_value_t = Limits::default().max_waiters)]
     pub max_waiters: usize,
-    /// fdatasync the database after every batch, so acknowledged leases and
-    /// releases (not only tokens, which always are) survive a machine crash.
-    /// Costs one device flush per batch of grants.
-    #[arg(long)]
-    pub sync_every_batch: bool,
     /// Past grants kept per resource for `leases history`.
     #[arg(long, default_value_t = StoreOptions::default().history_per_resource)]
     pub history: usize,
@@ -132,7 +127,6 @@ impl ServeArgs {
                 },
                 store: StoreOptions {
                     history_per_resource: self.history.max(1),
-                    sync_every_batch: self.sync_every_batch,
                     ..StoreOptions::default()
                 },
             },

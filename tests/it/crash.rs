@@ -9,13 +9,15 @@ use leasehold::proto::acquire_response::Outcome;
 use crate::support::*;
 
 /// Takes tokens on many connections until the server dies; returns the
-/// highest token any client saw.
-async fn take_tokens_until_killed(server: &mut ServerProcess, prefix: &str) -> u64 {
+/// highest token any client saw and every resource granted.
+async fn take_tokens_until_killed(server: &mut ServerProcess, prefix: &str) -> (u64, Vec<String>) {
     let seen = Arc::new(AtomicU64::new(0));
+    let granted = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for w in 0..8 {
         let mut c = connect(&server.url()).await;
         let seen = seen.clone();
+        let granted = granted.clone();
         let prefix = prefix.to_owned();
         tasks.push(tokio::spawn(async move {
             // Bounded: at most 10,000 acquires per worker, or until the server dies.
@@ -27,6 +29,7 @@ async fn take_tokens_until_killed(server: &mut ServerProcess, prefix: &str) -> u
                     Ok(r) => {
                         if let Some(Outcome::Lease(l)) = r.into_inner().outcome {
                             seen.fetch_max(l.token, Ordering::SeqCst);
+                            granted.lock().unwrap().push(l.resource);
                         }
                     }
                     Err(_) => return,
@@ -43,14 +46,15 @@ async fn take_tokens_until_killed(server: &mut ServerProcess, prefix: &str) -> u
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
     }
-    seen.load(Ordering::SeqCst)
+    let granted = std::mem::take(&mut *granted.lock().unwrap());
+    (seen.load(Ordering::SeqCst), granted)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_go_backwards_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = ServerProcess::spawn(dir.path(), &[]);
-    let max_seen = take_tokens_until_killed(&mut server, "a").await;
+    let (max_seen, _) = take_tokens_until_killed(&mut server, "a").await;
     assert!(max_seen >= 300, "only {max_seen} tokens before the kill");
 
     let server = ServerProcess::spawn(dir.path(), &[]);
@@ -77,12 +81,14 @@ async fn tokens_never_go_backwards_after_kill_9() {
     }
 }
 
-/// A machine crash keeps only what was fsynced. sled's `flush()` does not
-/// fsync, so model the worst case: the database rolls back to an old copy
-/// while the token reservation (which is fdatasynced) keeps its last synced
-/// state. Tokens must still continue above every token handed out.
+/// A machine crash keeps only what was fsynced: the token reservation, the
+/// write-ahead log, and sled as of its last checkpoint (sled's `flush()`
+/// alone does not fsync). Model the worst case: the database rolls back to
+/// its state at the last checkpoint (the clean stop). Every acknowledged
+/// lease must come back from the log, and tokens continue above every token
+/// handed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_never_go_backwards_after_a_modelled_machine_crash() {
+async fn acknowledged_leases_and_tokens_survive_a_modelled_machine_crash() {
     let dir = tempfile::tempdir().unwrap();
     let old = tempfile::tempdir().unwrap();
     {
@@ -97,10 +103,10 @@ async fn tokens_never_go_backwards_after_a_modelled_machine_crash() {
     copy_dir(&dir.path().join("db"), &old.path().join("db"));
 
     let mut server = ServerProcess::spawn(dir.path(), &[]);
-    let max_seen = take_tokens_until_killed(&mut server, "b").await;
+    let (max_seen, granted) = take_tokens_until_killed(&mut server, "b").await;
     assert!(max_seen >= 300);
 
-    // The "machine crash": every database write since the old copy is lost.
+    // The "machine crash": every database write since the checkpoint is lost.
     std::fs::remove_dir_all(dir.path().join("db")).unwrap();
     copy_dir(&old.path().join("db"), &dir.path().join("db"));
 
@@ -112,6 +118,11 @@ async fn tokens_never_go_backwards_after_a_modelled_machine_crash() {
         "token {} after a machine crash, but {max_seen} was seen",
         l.token
     );
+    // Every acknowledged grant came back from the log.
+    assert!(describe(&mut c, "first").await.held);
+    for resource in &granted {
+        assert!(describe(&mut c, resource).await.held, "lost {resource}");
+    }
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -125,21 +136,4 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
-}
-
-/// With `--sync-every-batch` every acknowledged lease (not only the token
-/// sequence) is fdatasynced; it must still serve and survive `kill -9`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_every_batch_serves_and_survives_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::spawn(dir.path(), &["--sync-every-batch"]);
-    let max_seen = take_tokens_until_killed(&mut server, "s").await;
-    assert!(max_seen >= 300);
-    let server = ServerProcess::spawn(dir.path(), &["--sync-every-batch"]);
-    let mut c = connect(&server.url()).await;
-    for w in 0..8 {
-        assert!(describe(&mut c, &format!("s/{w}/0")).await.held);
-    }
-    let l = grant(&mut c, acquire_req("after", "h", 1000)).await;
-    assert!(l.token > max_seen);
 }

@@ -219,7 +219,7 @@ async fn a_damaged_database_never_resets_the_token_sequence() {
     if err.is_ok() {
         let server = ServerProcess::spawn(&data, &[]);
         let mut c = connect(&server.url()).await;
-        let next = grant(&mut c, acquire_req("next", "h", 1000)).await;
+        let next = grant(&mut c, acquire_req("next-again", "h", 1000)).await;
         assert!(next.token > highest);
     }
 
