@@ -37,12 +37,14 @@
 //! Renewals that keep the TTL are not written: a restart gives every lease a
 //! full TTL anyway.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -240,29 +242,63 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         })
 }
 
+/// Key → value (`None`: deleted), the table's changes not yet in sled.
+type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Logged changes that sled does not hold yet.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Changes since the last freeze, coalesced per key.
+    active: Overlay,
+    /// Changes being written to sled by the checkpointer.
+    frozen: Option<Arc<Overlay>>,
+}
+
+/// What the store and its checkpointer thread share.
+#[derive(Debug)]
+struct Shared {
+    /// `None` while being reopened after an I/O error, and once closed.
+    db: Mutex<Option<sled::Db>>,
+    /// sled's log file, synced at checkpoints.
+    sled_log: Mutex<Option<File>>,
+    wal: Mutex<Wal>,
+    pending: Mutex<Pending>,
+    /// Set by an I/O error in sled; the checkpointer reopens it.
+    broken: AtomicBool,
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    options: StoreOptions,
+}
+
+/// A checkpoint for the checkpointer thread: write `frozen` into sled, make
+/// it durable, then delete the log segments numbered below `upto`.
+struct Checkpoint {
+    frozen: Arc<Overlay>,
+    upto: u64,
+}
+
 /// The persistent side of the coordinator. See the module docs.
 ///
 /// Only one thread (the committer) calls [`Store::commit`]; the readers
 /// ([`Store::history`], [`Store::size_on_disk`]) may run on any thread.
 #[derive(Debug)]
 pub struct Store {
-    /// `None` while being reopened after an I/O error, and once closed.
-    db: Mutex<Option<sled::Db>>,
-    /// sled's log file, synced at checkpoints.
-    sled_log: Mutex<Option<File>>,
-    wal: Mutex<Wal>,
-    /// Set when sled failed: it may miss operations the log has, so the next
-    /// commit reopens it and replays the log.
-    broken: AtomicBool,
+    shared: Arc<Shared>,
     /// Set by [`Store::close`]: the database is gone for good.
     closed: AtomicBool,
-    last_reopen: Mutex<Option<Instant>>,
-    db_path: PathBuf,
-    wal_path: PathBuf,
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<Checkpoint>, JoinHandle<()>)>>,
     reservation: Mutex<Reservation>,
     /// History entries per recently granted resource (see `trim_history`).
     trims: Mutex<HashMap<Resource, usize>>,
-    options: StoreOptions,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("keys", &self.frozen.len())
+            .field("upto", &self.upto)
+            .finish()
+    }
 }
 
 /// Most resources whose history size the store remembers at once.
@@ -270,7 +306,7 @@ const TRIM_CACHE: usize = 65_536;
 
 impl Store {
     /// Opens (or creates) the data directory, replays the log into the
-    /// database and checkpoints.
+    /// database, checkpoints, and starts the checkpointer thread.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
             what: "creating",
@@ -288,180 +324,138 @@ impl Store {
             path: wal_path.clone(),
             source,
         })?;
-        let store = Store {
+        let shared = Arc::new(Shared {
             db: Mutex::new(Some(db.clone())),
             sled_log: Mutex::new(Some(sled_log)),
             wal: Mutex::new(wal),
+            pending: Mutex::default(),
             broken: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            last_reopen: Mutex::new(None),
             db_path,
             wal_path,
+            options,
+        });
+        // Replay: straight into sled (idempotent, see `wal`), then a
+        // checkpoint, so the log starts empty.
+        if !batches.is_empty() {
+            for ops in &batches {
+                apply(
+                    &db,
+                    ops.iter().map(|op| match op {
+                        Op::Put(k, v) => (k, Some(v)),
+                        Op::Delete(k) => (k, None),
+                    }),
+                )
+                .map_err(shared.sled_err())?;
+            }
+            tracing::info!(
+                batches = batches.len(),
+                "replayed the log into the database"
+            );
+        }
+        shared.make_durable(&db)?;
+        {
+            let mut wal = shared.wal.lock();
+            let upto = wal.segment();
+            wal.remove_retired_before(upto)
+                .map_err(shared.wal_err("removing old segments from"))?;
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("leasehold-checkpoint".into())
+                .spawn(move || shared.run_checkpoints(rx))
+                .map_err(|source| StoreError::Io {
+                    what: "starting the checkpoint thread for",
+                    path: dir.to_owned(),
+                    source,
+                })?
+        };
+        Ok(Store {
+            shared,
+            closed: AtomicBool::new(false),
+            checkpointer: Mutex::new(Some((tx, thread))),
             reservation: Mutex::new(reservation),
             trims: Mutex::new(HashMap::new()),
-            options,
-        };
-        store.replay(&db, &batches)?;
-        Ok(store)
-    }
-
-    /// Applies the log's batches to `db` and checkpoints, so the log
-    /// starts empty.
-    fn replay(&self, db: &sled::Db, batches: &[Vec<Op>]) -> Result<(), StoreError> {
-        let mut wal = self.wal.lock();
-        if batches.is_empty() {
-            return wal
-                .remove_retired()
-                .map_err(self.wal_err("removing old segments from"));
-        }
-        for ops in batches {
-            apply(db, ops).map_err(self.sled_err())?;
-        }
-        tracing::info!(
-            batches = batches.len(),
-            "replayed the log into the database"
-        );
-        self.checkpoint(db, &mut wal)
-    }
-
-    fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
-        move |source| {
-            // sled 0.34 keeps failing after an I/O error (its error is
-            // sticky), so the next commit reopens the database.
-            if matches!(source, sled::Error::Io(_)) {
-                self.broken.store(true, Ordering::SeqCst);
-            }
-            StoreError::Sled {
-                path: self.db_path.clone(),
-                source,
-            }
-        }
-    }
-
-    fn wal_err(&self, what: &'static str) -> impl Fn(std::io::Error) -> StoreError + '_ {
-        move |source| StoreError::Io {
-            what,
-            path: self.wal_path.clone(),
-            source,
-        }
-    }
-
-    /// A handle to the open database.
-    fn db(&self) -> Result<sled::Db, StoreError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        self.db.lock().clone().ok_or_else(|| StoreError::Sled {
-            path: self.db_path.clone(),
-            source: sled::Error::Unsupported(
-                "the database is being reopened after an I/O error".into(),
-            ),
         })
     }
 
-    /// Checkpoints and closes the database now, even while other parts of
+    /// Stops the checkpointer, writes everything logged into sled,
+    /// checkpoints and closes the database now, even while other parts of
     /// the server still hold the `Store`: sled locks its directory until its
     /// last handle is gone, and a server restarted in the same process (or a
     /// quick restart by a supervisor) must be able to open it at once.
-    /// Every later call fails with [`StoreError::Closed`].
+    /// Every later call fails with [`StoreError::Closed`]. If this fails,
+    /// nothing is lost: the next start replays the log.
     pub fn close(&self) -> Result<(), StoreError> {
         self.closed.store(true, Ordering::SeqCst);
-        let db = self.db.lock().take();
-        let result = match &db {
-            Some(db) if !self.broken.load(Ordering::SeqCst) => {
-                self.checkpoint(db, &mut self.wal.lock())
+        if let Some((tx, thread)) = self.checkpointer.lock().take() {
+            drop(tx);
+            if thread.join().is_err() {
+                tracing::error!("the checkpoint thread panicked");
             }
-            // A broken database is replayed from the log at the next start.
-            _ => Ok(()),
-        };
-        *self.sled_log.lock() = None;
+        }
+        let shared = &self.shared;
+        let result = (|| {
+            let db = shared.db()?;
+            let (frozen, active) = {
+                let mut pending = shared.pending.lock();
+                (pending.frozen.take(), std::mem::take(&mut pending.active))
+            };
+            let upto = {
+                let mut wal = shared.wal.lock();
+                wal.rotate()
+                    .map_err(shared.wal_err("starting a new segment in"))?;
+                wal.segment()
+            };
+            if let Some(frozen) = frozen {
+                apply(&db, frozen.iter().map(|(k, v)| (k, v.as_ref())))
+                    .map_err(shared.sled_err())?;
+            }
+            apply(&db, active.iter().map(|(k, v)| (k, v.as_ref()))).map_err(shared.sled_err())?;
+            shared.make_durable(&db)?;
+            shared
+                .wal
+                .lock()
+                .remove_retired_before(upto)
+                .map_err(shared.wal_err("removing old segments from"))
+        })();
+        drop(shared.db.lock().take());
+        *shared.sled_log.lock() = None;
         result
-    }
-
-    /// Reopens the database after an I/O error and replays the whole log
-    /// into it, so the server recovers by itself once the disk has room
-    /// again. sled's recovery keeps a prefix of what it was given; the log
-    /// holds everything acknowledged.
-    fn reopen(&self) -> Result<(), StoreError> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::Closed);
-        }
-        let mut slot = self.db.lock();
-        {
-            // At most one attempt per interval: a full disk stays full for a while.
-            let mut last = self.last_reopen.lock();
-            if last.is_some_and(|t| t.elapsed() < REOPEN_INTERVAL) {
-                return Err(StoreError::Sled {
-                    path: self.db_path.clone(),
-                    source: sled::Error::Unsupported(
-                        "the database failed with an I/O error and will be reopened shortly".into(),
-                    ),
-                });
-            }
-            *last = Some(Instant::now());
-        }
-        // sled locks its directory until the last handle is gone.
-        drop(slot.take());
-        *self.sled_log.lock() = None;
-        let db = open_sled(&self.db_path, &self.options)?;
-        *self.sled_log.lock() = Some(open_sled_log(&self.db_path)?);
-        let batches = self
-            .wal
-            .lock()
-            .read_all()
-            .map_err(self.wal_err("reading the log in"))?;
-        self.broken.store(false, Ordering::SeqCst);
-        self.replay(&db, &batches)?;
-        *slot = Some(db);
-        tracing::warn!(path = %self.db_path.display(), "reopened the database after an I/O error");
-        Ok(())
-    }
-
-    /// Makes everything applied to sled durable there, then drops the log
-    /// segments that held it. The caller holds the log's lock, so nothing is
-    /// appended meanwhile.
-    fn checkpoint(&self, db: &sled::Db, wal: &mut Wal) -> Result<(), StoreError> {
-        db.flush().map_err(self.sled_err())?;
-        if let Some(log) = &*self.sled_log.lock() {
-            // sled's flush() ends in sync_file_range, which does not reach
-            // the device; this does.
-            log.sync_data().map_err(|source| {
-                self.broken.store(true, Ordering::SeqCst);
-                StoreError::Io {
-                    what: "syncing",
-                    path: self.db_path.join("db"),
-                    source,
-                }
-            })?;
-        }
-        wal.rotate()
-            .map_err(self.wal_err("starting a new segment in"))?;
-        wal.remove_retired()
-            .map_err(self.wal_err("removing old segments from"))
     }
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
-            path: self.db_path.clone(),
+            path: self.shared.db_path.clone(),
             what: what.into(),
         }
     }
 
-    /// Reads everything needed to rebuild the lease table.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
+        }
+        self.shared.db()
+    }
+
+    /// Reads everything needed to rebuild the lease table. Call right after
+    /// [`Store::open`], before any commit.
     pub fn load(&self) -> Result<Loaded, StoreError> {
         let mut loaded = Loaded {
             last_token: self.reserved(),
             ..Loaded::default()
         };
         let db = self.db()?;
-        if let Some(v) = db.get(TOKEN_KEY).map_err(self.sled_err())? {
+        let sled_err = self.shared.sled_err();
+        if let Some(v) = db.get(TOKEN_KEY).map_err(&sled_err)? {
             let token = Decoder::new(&v)
                 .u64()
                 .ok_or_else(|| self.corrupt("bad token key"))?;
             loaded.last_token = loaded.last_token.max(token);
         }
         for item in db.scan_prefix(b"L") {
-            let (k, v) = item.map_err(self.sled_err())?;
+            let (k, v) = item.map_err(&sled_err)?;
             let record = decode_lease(&k[1..], &v).ok_or_else(|| {
                 self.corrupt(format!(
                     "unreadable lease record {:?}",
@@ -472,7 +466,7 @@ impl Store {
             loaded.leases.push(record);
         }
         for item in db.scan_prefix(b"R") {
-            let (k, v) = item.map_err(self.sled_err())?;
+            let (k, v) = item.map_err(&sled_err)?;
             let parsed = std::str::from_utf8(&k[1..])
                 .ok()
                 .and_then(|s| RequestId::new_optional(s).ok().flatten())
@@ -491,33 +485,48 @@ impl Store {
     }
 
     /// Persists a batch of changes: the reservation first (synced) when the
-    /// batch needs it, then one log record (synced), then the same
-    /// operations applied to sled. Nothing of the batch may be acknowledged
-    /// before this returns `Ok`; once it has, the batch survives power loss.
+    /// batch needs it, then one log record (synced). Nothing of the batch
+    /// may be acknowledged before this returns `Ok`; once it has, the batch
+    /// survives power loss. The changes reach sled later, coalesced, through
+    /// the checkpointer; reads see them at once through the overlay.
     pub fn commit<'a>(
         &self,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Result<(), StoreError> {
-        if self.broken.load(Ordering::SeqCst) {
-            self.reopen()?;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Closed);
         }
-        let db = self.db()?;
-        let ops = self.plan(&db, changes)?;
+        let ops = self.plan(changes)?;
         if ops.is_empty() {
             return Ok(());
         }
-        let mut wal = self.wal.lock();
-        wal.append(&ops).map_err(self.wal_err("appending to"))?;
-        // Durable from here on. If sled fails now, the log still has the
-        // batch; sled is reopened and the log replayed before the next one.
-        if let Err(e) = apply(&db, &ops) {
-            self.broken.store(true, Ordering::SeqCst);
-            tracing::error!(error = %e, "the database failed after the batch was logged; it will be reopened and the log replayed");
-            return Ok(());
+        let shared = &self.shared;
+        let mut wal = shared.wal.lock();
+        wal.append(&ops).map_err(shared.wal_err("appending to"))?;
+        // Durable from here on.
+        let mut pending = shared.pending.lock();
+        for op in ops {
+            match op {
+                Op::Put(k, v) => pending.active.insert(k, Some(v)),
+                Op::Delete(k) => pending.active.insert(k, None),
+            };
         }
-        if wal.segment_len() >= self.options.checkpoint_bytes {
-            if let Err(e) = self.checkpoint(&db, &mut wal) {
-                tracing::warn!(error = %e, "checkpoint failed; the log grows until one succeeds");
+        if wal.segment_len() >= shared.options.checkpoint_bytes && pending.frozen.is_none() {
+            // Freeze what the log holds so far and let the checkpointer
+            // write it; the log continues in a new segment. If rotating
+            // fails, the next commit tries again.
+            match wal.rotate() {
+                Ok(()) => {
+                    let frozen = Arc::new(std::mem::take(&mut pending.active));
+                    pending.frozen = Some(frozen.clone());
+                    let upto = wal.segment();
+                    if let Some((tx, _)) = &*self.checkpointer.lock() {
+                        let _ = tx.send(Checkpoint { frozen, upto });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a new log segment; will retry")
+                }
             }
         }
         Ok(())
@@ -529,7 +538,6 @@ impl Store {
     /// last, so a reader of the table never sees a lease without its history.
     fn plan<'a>(
         &self,
-        db: &sled::Db,
         changes: impl IntoIterator<Item = &'a Change>,
     ) -> Result<Vec<Op>, StoreError> {
         let mut ops = Vec::new();
@@ -539,8 +547,8 @@ impl Store {
             match change {
                 Change::Granted(record) => {
                     max_token = max_token.max(record.token.0);
-                    for old in self.trim_history(db, &mut trims, &record.resource)? {
-                        ops.push(Op::Delete(old.to_vec()));
+                    for old in self.trim_history(&mut trims, &record.resource)? {
+                        ops.push(Op::Delete(old));
                     }
                     ops.push(Op::Put(
                         history_key(&record.resource, record.token),
@@ -571,10 +579,6 @@ impl Store {
             }
         }
         if max_token > 0 {
-            ops.push(Op::Put(
-                TOKEN_KEY.to_vec(),
-                max_token.to_be_bytes().to_vec(),
-            ));
             let mut reservation = self.reservation.lock();
             if max_token > reservation.reserved {
                 reservation.write(max_token + RESERVATION_BLOCK)?;
@@ -596,11 +600,10 @@ impl Store {
     /// until the next trim.
     fn trim_history(
         &self,
-        db: &sled::Db,
         trims: &mut HashMap<Resource, usize>,
         resource: &Resource,
-    ) -> Result<Vec<sled::IVec>, StoreError> {
-        let keep = self.options.history_per_resource.max(1);
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let keep = self.shared.options.history_per_resource.max(1);
         if let Some(count) = trims.get_mut(resource) {
             if *count < 2 * keep {
                 *count += 1;
@@ -608,10 +611,12 @@ impl Store {
             }
         }
         // Unknown or full: scan, and trim to `keep` entries counting the new one.
-        let mut keys = Vec::new();
-        for item in db.scan_prefix(history_prefix(resource)).keys() {
-            keys.push(item.map_err(self.sled_err())?);
-        }
+        self.db()?;
+        let mut keys: Vec<Vec<u8>> = self
+            .shared
+            .scan(&history_prefix(resource))?
+            .into_keys()
+            .collect();
         let remove = (keys.len() + 1).saturating_sub(keep);
         let after = keys.len() + 1 - remove;
         if trims.len() >= TRIM_CACHE {
@@ -629,39 +634,194 @@ impl Store {
         resource: &Resource,
         limit: usize,
     ) -> Result<Vec<GrantRecord>, StoreError> {
+        self.db()?;
+        let entries = self.shared.scan(&history_prefix(resource))?;
         let mut out = Vec::new();
-        for item in self
-            .db()?
-            .scan_prefix(history_prefix(resource))
+        for (k, v) in entries
+            .iter()
             .rev()
-            .take(limit.min(self.options.history_per_resource))
+            .take(limit.min(self.shared.options.history_per_resource))
         {
-            let (k, v) = item.map_err(self.sled_err())?;
             let token = k
                 .len()
                 .checked_sub(8)
                 .and_then(|at| Decoder::new(&k[at..]).u64())
                 .ok_or_else(|| self.corrupt("bad history key"))?;
-            let grant = decode_history(FencingToken(token), &v)
+            let grant = decode_history(FencingToken(token), v)
                 .ok_or_else(|| self.corrupt("bad history record"))?;
             out.push(grant);
         }
         Ok(out)
     }
 
-    /// Bytes the database and the log occupy on disk.
+    /// Bytes the database and the log occupy on disk (about).
     pub fn size_on_disk(&self) -> u64 {
         let sled = self.db().map_or(0, |db| db.size_on_disk().unwrap_or(0));
-        sled + self.wal.lock().segment_len()
+        sled + self.shared.wal.lock().segment_len()
     }
 }
 
-/// Applies logged operations to the table, in order.
-fn apply(db: &sled::Db, ops: &[Op]) -> Result<(), sled::Error> {
-    for op in ops {
-        match op {
-            Op::Put(k, v) => drop(db.insert(k.as_slice(), v.as_slice())?),
-            Op::Delete(k) => drop(db.remove(k.as_slice())?),
+impl Drop for Store {
+    fn drop(&mut self) {
+        // Stop the checkpointer; what it had not written is still in the log.
+        if let Some((tx, thread)) = self.checkpointer.get_mut().take() {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
+        move |source| {
+            // sled 0.34 keeps failing after an I/O error (its error is
+            // sticky), so the checkpointer reopens the database.
+            if matches!(source, sled::Error::Io(_)) {
+                self.broken.store(true, Ordering::SeqCst);
+            }
+            StoreError::Sled {
+                path: self.db_path.clone(),
+                source,
+            }
+        }
+    }
+
+    fn wal_err(&self, what: &'static str) -> impl Fn(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            what,
+            path: self.wal_path.clone(),
+            source,
+        }
+    }
+
+    /// A handle to the open database.
+    fn db(&self) -> Result<sled::Db, StoreError> {
+        self.db.lock().clone().ok_or_else(|| StoreError::Sled {
+            path: self.db_path.clone(),
+            source: sled::Error::Unsupported(
+                "the database is being reopened after an I/O error".into(),
+            ),
+        })
+    }
+
+    /// The table's entries under `prefix`: sled, overlaid by the frozen and
+    /// the active changes. The pending lock is held throughout, so a
+    /// checkpoint finishing meanwhile cannot hide its changes from the scan.
+    fn scan(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
+        let pending = self.pending.lock();
+        let mut out = BTreeMap::new();
+        for item in self.db()?.scan_prefix(prefix) {
+            let (k, v) = item.map_err(self.sled_err())?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for layer in pending
+            .frozen
+            .as_deref()
+            .into_iter()
+            .chain([&pending.active])
+        {
+            let under = layer
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix));
+            for (k, v) in under {
+                match v {
+                    Some(v) => out.insert(k.clone(), v.clone()),
+                    None => out.remove(k),
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// sled's `flush()` plus an `fdatasync` of its log: everything applied
+    /// to `db` so far is on the device.
+    fn make_durable(&self, db: &sled::Db) -> Result<(), StoreError> {
+        db.flush().map_err(self.sled_err())?;
+        if let Some(log) = &*self.sled_log.lock() {
+            // sled's flush() ends in sync_file_range, which does not reach
+            // the device; this does.
+            log.sync_data().map_err(|source| {
+                self.broken.store(true, Ordering::SeqCst);
+                StoreError::Io {
+                    what: "syncing",
+                    path: self.db_path.join("db"),
+                    source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The checkpointer thread: writes frozen changes into sled, makes them
+    /// durable, deletes the log segments they came from. A failed checkpoint
+    /// is retried (reopening sled first if it broke) every [`REOPEN_INTERVAL`]
+    /// until it succeeds; the log keeps everything meanwhile.
+    fn run_checkpoints(&self, rx: std::sync::mpsc::Receiver<Checkpoint>) {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut todo: Option<Checkpoint> = None;
+        loop {
+            match rx.recv_timeout(REOPEN_INTERVAL) {
+                Ok(next) => todo = Some(next),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let Some(job) = &todo else { continue };
+            if self.broken.load(Ordering::SeqCst) {
+                if let Err(e) = self.reopen() {
+                    tracing::warn!(error = %e, "could not reopen the database; will retry");
+                    continue;
+                }
+            }
+            match self.checkpoint(job) {
+                Ok(()) => todo = None,
+                Err(e) => {
+                    tracing::error!(error = %e, "checkpoint failed; the log keeps everything; will retry")
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&self, job: &Checkpoint) -> Result<(), StoreError> {
+        let db = self.db()?;
+        apply(&db, job.frozen.iter().map(|(k, v)| (k, v.as_ref()))).map_err(self.sled_err())?;
+        self.make_durable(&db)?;
+        self.wal
+            .lock()
+            .remove_retired_before(job.upto)
+            .map_err(self.wal_err("removing old segments from"))?;
+        self.pending.lock().frozen = None;
+        Ok(())
+    }
+
+    /// Reopens sled after an I/O error. sled recovers the last checkpoint
+    /// plus a prefix of what was written since, and the checkpoint being
+    /// retried writes every key it covers again, so nothing is lost.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.lock();
+        // sled locks its directory until the last handle is gone.
+        drop(slot.take());
+        *self.sled_log.lock() = None;
+        let db = open_sled(&self.db_path, &self.options)?;
+        *self.sled_log.lock() = Some(open_sled_log(&self.db_path)?);
+        *slot = Some(db);
+        self.broken.store(false, Ordering::SeqCst);
+        tracing::warn!(path = %self.db_path.display(), "reopened the database after an I/O error");
+        Ok(())
+    }
+}
+
+/// Writes changes into sled, in order.
+fn apply<'a>(
+    db: &sled::Db,
+    changes: impl Iterator<Item = (&'a Vec<u8>, Option<&'a Vec<u8>>)>,
+) -> Result<(), sled::Error> {
+    for (k, v) in changes {
+        match v {
+            Some(v) => drop(db.insert(k.as_slice(), v.as_slice())?),
+            None => drop(db.remove(k.as_slice())?),
         }
     }
     Ok(())
@@ -938,7 +1098,7 @@ mod tests {
         let r = Resource::new("r").unwrap();
         for t in 7..=60 {
             s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
-            let on_disk = s.db().unwrap().scan_prefix(history_prefix(&r)).count();
+            let on_disk = s.shared.scan(&history_prefix(&r)).unwrap().len();
             assert!(on_disk <= 6, "{on_disk} history entries after token {t}");
         }
         let tokens: Vec<u64> = s
@@ -1012,28 +1172,39 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
             checkpoint_bytes: 4096,
+            history_per_resource: 2,
             ..StoreOptions::default()
         };
-        let records: Vec<LeaseRecord> = (1..=200)
-            .map(|t| record(&format!("r{t}"), t, None))
+        let wal_segments = || std::fs::read_dir(dir.path().join("wal")).unwrap().count();
+        let records: Vec<LeaseRecord> = (1..=400)
+            .map(|t| record(&format!("r{}", t % 40), t, None))
             .collect();
+        let mut most_segments = 0;
         {
             let s = Store::open(dir.path(), opts.clone()).unwrap();
             for r in &records {
                 s.commit(&[Change::Granted(r.clone())]).unwrap();
-                let segments = std::fs::read_dir(dir.path().join("wal")).unwrap().count();
-                assert!(
-                    segments <= 1,
-                    "{segments} log segments after token {}",
-                    r.token.0
-                );
-                assert!(s.wal.lock().segment_len() < 4096 + 1024);
+                most_segments = most_segments.max(wal_segments());
             }
+            // Writes reach sled in the background, reads see them at once.
+            let h = s.history(&Resource::new("r0").unwrap(), 10).unwrap();
+            assert_eq!(h.iter().map(|g| g.token.0).collect::<Vec<_>>(), [400, 360]);
+            // Checkpoints happened (sled has some of it) and keep up.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while s.shared.pending.lock().frozen.is_some() {
+                assert!(std::time::Instant::now() < deadline, "checkpoint stuck");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(s.db().unwrap().scan_prefix(b"H").count() > 0);
+            s.close().unwrap();
         }
+        // The current segment plus at most the ones a running checkpoint covers.
+        assert!(most_segments <= 3, "{most_segments} log segments at once");
+        assert_eq!(wal_segments(), 1);
         let s = Store::open(dir.path(), opts).unwrap();
         let mut loaded = s.load().unwrap().leases;
         loaded.sort_by_key(|r| r.token);
-        assert_eq!(loaded, records);
+        assert_eq!(loaded, records[records.len() - 40..]);
     }
 
     #[test]

@@ -34,12 +34,13 @@
 //!
 //! # Checkpoints
 //!
-//! Once the current segment passes its size limit the store *checkpoints*:
-//! sled's `flush()` plus an `fdatasync` of sled's log file, then the log
-//! starts a new segment and deletes the older ones ([`Wal::rotate`],
-//! [`Wal::remove_retired`]). A start-up replays whatever segments are left
-//! and checkpoints at once, so the log stays short: replay time is bounded by
-//! one segment.
+//! Once the current segment passes its size limit the store starts a new
+//! one ([`Wal::rotate`]) and *checkpoints* in the background: it writes the
+//! operations logged so far into sled, calls sled's `flush()` plus an
+//! `fdatasync` of sled's log file, and then deletes the segments the
+//! checkpoint covers ([`Wal::remove_retired_before`]). A start-up replays
+//! whatever segments are left and checkpoints at once, so replay time is
+//! bounded by about two segments.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -69,8 +70,8 @@ pub struct Wal {
     file: File,
     /// Bytes of whole records in the current segment.
     len: u64,
-    /// Older segments, deleted by [`Wal::remove_retired`] once a checkpoint
-    /// holds everything in them.
+    /// Older segments, deleted by [`Wal::remove_retired_before`] once a
+    /// checkpoint holds everything in them.
     retired: Vec<u64>,
     /// Set by a failed append: the current segment may end in a partial
     /// record, so the next append starts a new one.
@@ -81,7 +82,7 @@ pub struct Wal {
 impl Wal {
     /// Opens the log in `dir` (created if missing): returns the batches it
     /// holds, in order, and a log appending to a new, empty segment. The
-    /// segments read stay until [`Wal::remove_retired`].
+    /// segments read stay until [`Wal::remove_retired_before`].
     pub fn open(dir: &Path) -> std::io::Result<(Wal, Vec<Vec<Op>>)> {
         std::fs::create_dir_all(dir)?;
         let retired = segments(dir)?;
@@ -154,20 +155,25 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes the retired segments. Call only once a checkpoint that
-    /// started after their last append has made everything in them durable
-    /// elsewhere.
-    pub fn remove_retired(&mut self) -> std::io::Result<()> {
-        if self.retired.is_empty() {
+    /// The sequence number of the segment being appended to.
+    pub fn segment(&self) -> u64 {
+        self.seq
+    }
+
+    /// Deletes the retired segments numbered below `seq`. Call only once a
+    /// checkpoint has made everything in them durable elsewhere.
+    pub fn remove_retired_before(&mut self, seq: u64) -> std::io::Result<()> {
+        let (old, keep): (Vec<u64>, Vec<u64>) = self.retired.iter().partition(|&&s| s < seq);
+        if old.is_empty() {
             return Ok(());
         }
-        for &seq in &self.retired {
-            match std::fs::remove_file(segment_path(&self.dir, seq)) {
+        for &s in &old {
+            match std::fs::remove_file(segment_path(&self.dir, s)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
             }
         }
-        self.retired.clear();
+        self.retired = keep;
         // A deletion lost in a crash would only replay old operations again
         // (harmless); syncing keeps the directory from growing all the same.
         sync_dir(&self.dir)
@@ -360,14 +366,18 @@ mod tests {
     }
 
     #[test]
-    fn remove_retired_keeps_only_the_current_segment() {
+    fn remove_retired_before_deletes_only_covered_segments() {
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path()).unwrap();
         wal.append(&[put("a", "1")]).unwrap();
         wal.rotate().unwrap();
+        let upto = wal.segment();
         wal.append(&[put("b", "2")]).unwrap();
         wal.rotate().unwrap();
-        wal.remove_retired().unwrap();
+        // Only what the checkpoint covers goes.
+        wal.remove_retired_before(upto).unwrap();
+        assert_eq!(wal.read_all().unwrap(), vec![vec![put("b", "2")]]);
+        wal.remove_retired_before(wal.segment()).unwrap();
         assert_eq!(segments(dir.path()).unwrap().len(), 1);
         assert!(wal.read_all().unwrap().is_empty());
         drop(wal);
