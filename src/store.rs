@@ -56,12 +56,17 @@ use crate::wal::{Op, Wal};
 /// a crash skips at most this many tokens; one `fdatasync` covers this many grants.
 pub const RESERVATION_BLOCK: u64 = 65_536;
 
-/// The log is checkpointed into sled once its current segment holds this
-/// many bytes, which bounds both the log's size and the replay at start-up.
-pub const CHECKPOINT_BYTES: u64 = 8 * 1024 * 1024;
+/// The size of a log segment. The store checkpoints into sled once this much
+/// has been logged since the last checkpoint, which bounds both the log's
+/// size and the replay at start-up (to about two segments).
+pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How often a failed database is reopened, at most.
 const REOPEN_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long to wait before trying again to preallocate a log segment after
+/// a failure or on a nearly full disk.
+const SPARE_RETRY: Duration = Duration::from_secs(5);
 
 const RESERVATION_CHECK: u64 = 0x4c45_4153_4548_4f4c; // "LEASEHOL"
 const TOKEN_KEY: &[u8] = b"Mtoken";
@@ -109,9 +114,9 @@ pub struct StoreOptions {
     pub history_per_resource: usize,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
-    /// Checkpoint once the log's current segment holds this many bytes
-    /// ([`CHECKPOINT_BYTES`] by default; tests make it small).
-    pub checkpoint_bytes: u64,
+    /// The log's segment size, and how much is logged between checkpoints
+    /// ([`SEGMENT_BYTES`] by default; tests make it small).
+    pub segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -119,7 +124,7 @@ impl Default for StoreOptions {
         StoreOptions {
             history_per_resource: 16,
             cache_bytes: 128 * 1024 * 1024,
-            checkpoint_bytes: CHECKPOINT_BYTES,
+            segment_bytes: SEGMENT_BYTES,
         }
     }
 }
@@ -252,6 +257,8 @@ struct Pending {
     active: Overlay,
     /// Changes being written to sled by the checkpointer.
     frozen: Option<Arc<Overlay>>,
+    /// The log's [`Wal::written`] at the last freeze.
+    logged_at_freeze: u64,
 }
 
 /// What the store and its checkpointer thread share.
@@ -319,11 +326,12 @@ impl Store {
         let reservation = Reservation::open(dir.join("tokens"), db_existed)?;
         let db = open_sled(&db_path, &options)?;
         let sled_log = open_sled_log(&db_path)?;
-        let (wal, batches) = Wal::open(&wal_path).map_err(|source| StoreError::Io {
-            what: "reading the log in",
-            path: wal_path.clone(),
-            source,
-        })?;
+        let (wal, batches) =
+            Wal::open(&wal_path, options.segment_bytes).map_err(|source| StoreError::Io {
+                what: "reading the log in",
+                path: wal_path.clone(),
+                source,
+            })?;
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(db.clone())),
             sled_log: Mutex::new(Some(sled_log)),
@@ -511,22 +519,18 @@ impl Store {
                 Op::Delete(k) => pending.active.insert(k, None),
             };
         }
-        if wal.segment_len() >= shared.options.checkpoint_bytes && pending.frozen.is_none() {
-            // Freeze what the log holds so far and let the checkpointer
-            // write it; the log continues in a new segment. If rotating
-            // fails, the next commit tries again.
-            match wal.rotate() {
-                Ok(()) => {
-                    let frozen = Arc::new(std::mem::take(&mut pending.active));
-                    pending.frozen = Some(frozen.clone());
-                    let upto = wal.segment();
-                    if let Some((tx, _)) = &*self.checkpointer.lock() {
-                        let _ = tx.send(Checkpoint { frozen, upto });
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not start a new log segment; will retry")
-                }
+        if wal.written() - pending.logged_at_freeze >= shared.options.segment_bytes
+            && pending.frozen.is_none()
+        {
+            // Freeze what is logged so far and let the checkpointer write it
+            // into sled; it then deletes (or recycles) every segment before
+            // the current one.
+            let frozen = Arc::new(std::mem::take(&mut pending.active));
+            pending.frozen = Some(frozen.clone());
+            pending.logged_at_freeze = wal.written();
+            let upto = wal.segment();
+            if let Some((tx, _)) = &*self.checkpointer.lock() {
+                let _ = tx.send(Checkpoint { frozen, upto });
             }
         }
         Ok(())
@@ -762,7 +766,11 @@ impl Shared {
     fn run_checkpoints(&self, rx: std::sync::mpsc::Receiver<Checkpoint>) {
         use std::sync::mpsc::RecvTimeoutError;
         let mut todo: Option<Checkpoint> = None;
+        let mut spare_retry = std::time::Instant::now();
         loop {
+            if std::time::Instant::now() >= spare_retry && !self.ensure_spare() {
+                spare_retry = std::time::Instant::now() + SPARE_RETRY;
+            }
             match rx.recv_timeout(REOPEN_INTERVAL) {
                 Ok(next) => todo = Some(next),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -780,6 +788,29 @@ impl Shared {
                 Err(e) => {
                     tracing::error!(error = %e, "checkpoint failed; the log keeps everything; will retry")
                 }
+            }
+        }
+    }
+
+    /// Prepares a preallocated spare segment for the log if it has none.
+    /// Returns false if that failed (try again later).
+    fn ensure_spare(&self) -> bool {
+        if !self.wal.lock().wants_spare() {
+            return true;
+        }
+        // Filling the spare takes a while: not under the log's lock.
+        let result =
+            Wal::prepare_spare(&self.wal_path, self.options.segment_bytes).and_then(|prepared| {
+                match prepared {
+                    true => self.wal.lock().install_spare().map(|()| true),
+                    false => Ok(false),
+                }
+            });
+        match result {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.wal_path.display(), "could not preallocate a log segment; writes stay slower until one is ready");
+                false
             }
         }
     }
@@ -1110,6 +1141,19 @@ mod tests {
         assert_eq!(tokens, [60, 59, 58]);
     }
 
+    fn log_segments(data: &Path) -> usize {
+        std::fs::read_dir(data.join("wal"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "log")
+            })
+            .count()
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap() {
@@ -1161,21 +1205,18 @@ mod tests {
         let h = s.history(&a.resource, 10).unwrap();
         assert_eq!(h[0].ended, Some((EndKind::Released, 7)));
         // Replayed and checkpointed: the log is down to one empty segment.
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("wal")).unwrap().count(),
-            1
-        );
+        assert_eq!(log_segments(dir.path()), 1);
     }
 
     #[test]
     fn checkpoints_keep_the_log_short_and_lose_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
-            checkpoint_bytes: 4096,
+            segment_bytes: 64 * 1024,
             history_per_resource: 2,
             ..StoreOptions::default()
         };
-        let wal_segments = || std::fs::read_dir(dir.path().join("wal")).unwrap().count();
+        let wal_segments = || log_segments(dir.path());
         let records: Vec<LeaseRecord> = (1..=400)
             .map(|t| record(&format!("r{}", t % 40), t, None))
             .collect();
@@ -1198,8 +1239,8 @@ mod tests {
             assert!(s.db().unwrap().scan_prefix(b"H").count() > 0);
             s.close().unwrap();
         }
-        // The current segment plus at most the ones a running checkpoint covers.
-        assert!(most_segments <= 3, "{most_segments} log segments at once");
+        // The current segment plus the few a running checkpoint covers.
+        assert!(most_segments <= 6, "{most_segments} log segments at once");
         assert_eq!(wal_segments(), 1);
         let s = Store::open(dir.path(), opts).unwrap();
         let mut loaded = s.load().unwrap().leases;
