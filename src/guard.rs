@@ -46,9 +46,10 @@
 //!     [`SledGuard::write_plain`]): under the lock, read the mark, check the
 //!     token, insert the new mark **first**, then the caller's data, as plain
 //!     sled inserts. No transaction, so writers of different resources run
-//!     in parallel: ≈ 110,000 guarded writes/s on 2 cores, against ≈ 52,000
-//!     for the transactional path, which sled runs one at a time (`leasehold
-//!     bench guard`).
+//!     in parallel. `leasehold bench guard` on 2 cores: ≈ 190,000–250,000
+//!     guarded writes/s without flush and ≈ 80,000–100,000/s group-flushed
+//!     (64 writers), against ≈ 52,000 and ≈ 7,400/s for the transactional
+//!     path, which sled runs one transaction at a time.
 //!
 //!     Why the order makes a crash safe: the mark's insert has returned
 //!     before the data's begins, so it has the lower position (LSN) in sled's
@@ -61,6 +62,8 @@
 //!     the writer's retry with the same token passes (`t == mark` is
 //!     accepted). The same argument is why a failed
 //!     [`write_plain`](SledGuard::write_plain) closure leaves the mark raised.
+//!     `tests/it/guard_crash.rs` kills a writer with SIGKILL mid-stream and
+//!     checks exactly this; with the two inserts swapped it fails.
 //!   - **The transactional path** ([`SledGuard::write`],
 //!     [`SledGuard::write_durable`], [`SledGuard::write_many`]): the mark
 //!     check, the caller's write and the mark update in **one sled
@@ -516,8 +519,8 @@ fn decode_mark(value: Option<&[u8]>) -> Result<Option<u64>, usize> {
 ///
 /// | path | methods | cost (2 cores) | a crash keeps |
 /// |---|---|---|---|
-/// | fast: plain inserts | [`insert`](SledGuard::insert), [`insert_durable`](SledGuard::insert_durable), [`write_plain`](SledGuard::write_plain) | a few µs, writers of different resources in parallel | the mark without the data, or both, never the data without the mark |
-/// | transactional | [`write`](SledGuard::write), [`write_durable`](SledGuard::write_durable), [`write_many`](SledGuard::write_many) | ≈ 20 µs, one at a time in the whole process | mark and data (over any number of trees) together or not at all |
+/// | fast: plain inserts | [`insert`](SledGuard::insert), [`insert_durable`](SledGuard::insert_durable), [`write_plain`](SledGuard::write_plain) | p50 ≈ 3–4 µs; writers of different resources in parallel | the mark without the data, or both, never the data without the mark |
+/// | transactional | [`write`](SledGuard::write), [`write_durable`](SledGuard::write_durable), [`write_many`](SledGuard::write_many) | p50 ≈ 10 µs; one transaction at a time in the whole process | mark and data (over any number of trees) together or not at all |
 ///
 /// Use the fast path unless several writes must survive a crash together;
 /// see the [module docs](self#atomic-with-the-write) for the reasoning and
@@ -750,7 +753,7 @@ impl SledGuard {
     /// more than once: see [the closures](SledGuard#the-closures). The write
     /// is committed, not yet flushed: see [`SledGuard::write_durable`].
     ///
-    /// About 5× slower than [`SledGuard::insert`] and serialized with every
+    /// About 4× slower than [`SledGuard::insert`] and serialized with every
     /// other sled transaction in the process: use it when the write must
     /// commit atomically with itself (several keys, or with
     /// [`write_many`](SledGuard::write_many) several trees).

@@ -14,7 +14,8 @@
 //! Every write offers a new, higher token, so every write raises the mark
 //! (two sled inserts): the costliest case. The transactional path
 //! ([`SledGuard::write`]) is not measured here; it ran at ≈ 52,000 writes/s
-//! without flush and ≈ 7,000/s group-flushed on 2 cores (issue #6).
+//! without flush and ≈ 7,400/s group-flushed on 2 cores (issue #6), against
+//! ≈ 190,000–250,000 and ≈ 80,000–100,000/s for the fast path.
 //!
 //! Latency: the memory run times batches of [`BATCH`] checks and records
 //! each batch's mean per check (timing every 100-ns check would double its
