@@ -11,6 +11,7 @@ mod coordinator;
 mod crash;
 mod faults;
 mod fenced_store;
+mod guard_crash;
 mod kleppmann;
 mod model;
 mod tls;
