@@ -1,29 +1,39 @@
-//! Group commit: one thread writes every change, one `fdatasync` per batch.
+//! Group commit: one writer at a time, one synchronous log write per batch.
 //!
-//! The coordinator decides under its lock and, still under the lock, hands
-//! the resulting [`Job`] to the [`Committer`]; so jobs reach the disk in the
-//! order the state machine produced them. The committer thread takes the
-//! first job, drains every job that queued up meanwhile, writes them all with
-//! one [`Store::commit`] (the changes in order as one log record, one
-//! `fdatasync`, plus one of the token reservation when it must grow), and
-//! only then runs each job's replies. A grant is therefore never answered
-//! before it is durable, and concurrent grants share one sync: the busier
-//! the server, the larger the batches.
+//! The coordinator decides under its lock and, still under the lock, queues
+//! the resulting [`Job`] with [`Committer::submit`]; so jobs reach the disk
+//! in the order the state machine produced them. Whoever writes takes every
+//! job queued so far, writes them all with one [`Store::commit`] (one log
+//! record and one synchronous write, plus an `fdatasync` of the token
+//! reservation when it must grow), and only then runs each job's replies. A
+//! grant is therefore never answered before it is durable, and concurrent
+//! grants share one write: the busier the server, the larger the batches.
 //!
-//! There is exactly one writer, so the log needs no locking of its own and
-//! sled's `flush_async()` (which hangs with many concurrent callers, see
-//! shared FACTS) is never called.
+//! # Who writes
+//!
+//! After releasing its lock the coordinator calls [`Committer::help`]. If
+//! no batch is being written, the calling task writes the queue itself, on
+//! its own thread: when the server is not saturated (a single hot resource,
+//! say) that saves two thread wake-ups per request, the committer's and the
+//! reply's, which cost more than the write itself on a small VM. If a batch
+//! is being written, `help` returns at once and the writer picks the job up
+//! when it finishes. A task writes at most one batch: if more queued up
+//! meanwhile it hands over to the committer thread, so under load the
+//! thread does the writing and the runtime's workers keep serving the
+//! network.
+//!
+//! There is exactly one writer at a time (the `writer` lock), so the log
+//! needs no locking of its own.
 //!
 //! A job with no changes is a barrier: its replies run once every job before
 //! it is durable. The coordinator uses that before it shows anyone state that
 //! might still be in flight (an idempotent replay, a Describe).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 use crate::state::Change;
 use crate::store::{Store, StoreError};
@@ -31,7 +41,7 @@ use crate::store::{Store, StoreError};
 /// The result a reply sees: `Ok` once its job is durable.
 pub type Durable = Result<(), Arc<StoreError>>;
 
-/// Runs on the committer thread after the job's batch was written (or failed).
+/// Runs after the job's batch was written (or failed).
 pub type Reply = Box<dyn FnOnce(Durable) + Send>;
 
 /// Changes to persist, and what to do once they are.
@@ -45,34 +55,63 @@ pub struct Job {
 /// Most jobs written in one batch; bounds the latency of the first one.
 const MAX_BATCH: usize = 4096;
 
-/// The handle to the committer thread.
+/// Callers write batches themselves only while batches stay this small.
+const INLINE_BATCH: usize = 2;
+
+/// The handle to the committer.
 pub struct Committer {
-    tx: Mutex<Option<mpsc::UnboundedSender<Job>>>,
-    batches: Arc<AtomicU64>,
+    shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    /// Jobs not yet written, oldest first; `None` once closed.
+    queue: Mutex<Option<Vec<Job>>>,
+    /// Held while a batch is written and answered.
+    writer: Mutex<()>,
+    batches: AtomicU64,
+    /// Jobs in the last batch written: large batches mean a busy server.
+    last_batch: std::sync::atomic::AtomicUsize,
+    stopping: AtomicBool,
+    /// The committer thread, to wake it.
+    thread: Mutex<Option<std::thread::Thread>>,
 }
 
 impl Committer {
     /// Starts the committer thread over `store`.
     pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let batches = Arc::new(AtomicU64::new(0));
-        let counter = batches.clone();
-        let thread = std::thread::Builder::new()
-            .name("leasehold-commit".into())
-            .spawn(move || run(store, rx, &counter))?;
+        let shared = Arc::new(Shared {
+            store,
+            queue: Mutex::new(Some(Vec::new())),
+            writer: Mutex::new(()),
+            batches: AtomicU64::new(0),
+            last_batch: std::sync::atomic::AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("leasehold-commit".into())
+                .spawn(move || shared.run())?
+        };
+        *shared.thread.lock() = Some(thread.thread().clone());
         Ok(Committer {
-            tx: Mutex::new(Some(tx)),
-            batches,
+            shared,
             thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Queues a job. After [`Committer::close`], its replies see
+    /// Queues a job; call [`Committer::help`] once the caller's own locks
+    /// are released. After [`Committer::close`], its replies see
     /// [`StoreError::Closed`] at once.
     pub fn submit(&self, job: Job) {
-        let rejected = match &*self.tx.lock() {
-            Some(tx) => tx.send(job).err().map(|e| e.0),
+        let rejected = match &mut *self.shared.queue.lock() {
+            Some(queue) => {
+                queue.push(job);
+                None
+            }
             None => Some(job),
         };
         if let Some(job) = rejected {
@@ -83,18 +122,31 @@ impl Committer {
         }
     }
 
-    /// Batches written so far that held changes (each cost one sync).
-    pub fn batches(&self) -> u64 {
-        self.batches.load(Ordering::Relaxed)
+    /// Writes the queue on the calling thread if nobody is writing (see the
+    /// module docs); returns at once otherwise.
+    pub fn help(&self) {
+        if self.shared.last_batch.load(Ordering::Relaxed) > INLINE_BATCH {
+            // Busy: batches are large, the thread keeps writing.
+            self.shared.wake_thread();
+        } else {
+            self.shared.lead(false);
+        }
     }
 
-    /// Writes what is queued and stops the thread.
+    /// Batches written so far that held changes (each cost one sync).
+    pub fn batches(&self) -> u64 {
+        self.shared.batches.load(Ordering::Relaxed)
+    }
+
+    /// Writes what is queued and stops the thread; later jobs are refused.
     pub fn close(&self) {
-        drop(self.tx.lock().take());
-        if let Some(thread) = self.thread.lock().take() {
-            if thread.join().is_err() {
-                tracing::error!("the committer thread panicked");
-            }
+        let Some(thread) = self.thread.lock().take() else {
+            return;
+        };
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        thread.thread().unpark();
+        if thread.join().is_err() {
+            tracing::error!("the committer thread panicked");
         }
     }
 }
@@ -105,26 +157,71 @@ impl Drop for Committer {
     }
 }
 
-fn run(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Job>, batches: &AtomicU64) {
-    let mut jobs: Vec<Job> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
-        jobs.push(first);
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+impl Shared {
+    fn run(&self) {
+        while !self.stopping.load(Ordering::SeqCst) {
+            std::thread::park();
+            self.lead(true);
+        }
+        // Write what is left and refuse the rest, under the writer lock so
+        // no helper is halfway through a batch.
+        let _writer = self.writer.lock();
+        let rest = self.queue.lock().take().unwrap_or_default();
+        self.write(rest);
+    }
+
+    /// Writes batches while this thread holds the writer lock. A helper
+    /// (`thread == false`) writes one batch and hands the rest to the thread.
+    fn lead(&self, thread: bool) {
+        loop {
+            {
+                let Some(_writer) = self.writer.try_lock() else {
+                    // The writer re-checks the queue after it lets go.
+                    return;
+                };
+                let jobs = match &mut *self.queue.lock() {
+                    Some(queue) if !queue.is_empty() => {
+                        let n = queue.len().min(MAX_BATCH);
+                        queue.drain(..n).collect()
+                    }
+                    _ => return,
+                };
+                self.write(jobs);
+            }
+            // Jobs queued while this batch was written found the writer lock
+            // taken; someone must pick them up.
+            if self.queue.lock().as_ref().is_none_or(|q| q.is_empty()) {
+                return;
+            }
+            if !thread {
+                self.wake_thread();
+                return;
             }
         }
-        if jobs.iter().any(|j| !j.changes.is_empty()) {
-            batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn wake_thread(&self) {
+        if let Some(t) = &*self.thread.lock() {
+            t.unpark();
         }
-        let result = store
+    }
+
+    fn write(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.last_batch.store(jobs.len(), Ordering::Relaxed);
+        if jobs.iter().any(|j| !j.changes.is_empty()) {
+            self.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        let result = self
+            .store
             .commit(jobs.iter().flat_map(|j| j.changes.iter()))
             .map_err(Arc::new);
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = jobs.len(), "commit failed; replying UNAVAILABLE");
         }
-        for job in jobs.drain(..) {
+        for job in jobs {
             for reply in job.replies {
                 reply(result.clone());
             }

@@ -315,7 +315,8 @@ impl Coordinator {
             }
         }
         let needs_write = fx.needs_write();
-        if needs_write || !replies.is_empty() {
+        let submitted = needs_write || !replies.is_empty();
+        if submitted {
             let changes = if needs_write { fx.changes } else { Vec::new() };
             self.shared.committer.submit(Job { changes, replies });
         }
@@ -327,6 +328,10 @@ impl Coordinator {
             }
         }
         drop(inner);
+        if submitted {
+            // Outside the lock: this may write the batch on this thread.
+            self.shared.committer.help();
+        }
         (result, receiver)
     }
 
