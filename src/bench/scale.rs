@@ -142,8 +142,7 @@ pub async fn ready(
     let mut answer = None;
     while started.elapsed() < timeout {
         attempts += 1;
-        if let Ok(channel) = endpoint.connect().await {
-            let mut client = Client::new(channel);
+        if let Ok(mut client) = super::open_conn(&endpoint).await {
             let req = proto::DescribeRequest {
                 resource: resource.to_owned(),
             };
