@@ -588,44 +588,23 @@ fn table(file: &std::path::Path) -> anyhow::Result<()> {
         ),
     ];
     let c = reports.first().map_or(0, |r| r.concurrency);
-    let synced = reports.iter().any(|r| r.system == "leasehold-sync");
-    if synced {
-        println!("| workload (C = {c}) | Leasehold | Leasehold, `--sync-every-batch` | etcd | ZooKeeper | Leasehold ÷ etcd | Leasehold ÷ ZooKeeper |");
-        println!("|---|---|---|---|---|---|---|");
-    } else {
-        println!("| workload (C = {c}) | Leasehold | etcd | ZooKeeper | Leasehold ÷ etcd | Leasehold ÷ ZooKeeper |");
-        println!("|---|---|---|---|---|---|");
-    }
+    println!("| workload (C = {c}) | Leasehold | etcd | ZooKeeper | Leasehold ÷ etcd | Leasehold ÷ ZooKeeper |");
+    println!("|---|---|---|---|---|---|");
     for (label, lh, etcd, zk) in rows {
         let (l, e, z) = (
             find("leasehold", lh),
             find("etcd", etcd),
             find("zookeeper", zk),
         );
-        let ls = find("leasehold-sync", lh);
         let z = if etcd == "cycle-lease" { None } else { z };
-        if synced {
-            // Ratios: default durability, then with an fdatasync per batch.
-            let both = |peer| format!("{} ({} synced)", ratio(l, peer), ratio(ls, peer));
-            println!(
-                "| {label} | {} | {} | {} | {} | {} | {} |",
-                cell(l),
-                cell(ls),
-                cell(e),
-                cell(z),
-                both(e),
-                both(z)
-            );
-        } else {
-            println!(
-                "| {label} | {} | {} | {} | {} | {} |",
-                cell(l),
-                cell(e),
-                cell(z),
-                ratio(l, e),
-                ratio(l, z)
-            );
-        }
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            cell(l),
+            cell(e),
+            cell(z),
+            ratio(l, e),
+            ratio(l, z)
+        );
     }
     let failed: Vec<String> = reports
         .iter()
