@@ -101,6 +101,9 @@ pub struct Wal {
     /// Set by a failed write: the current segment may end in a partial
     /// record, so the next append starts a new one.
     broken: bool,
+    /// Open segments with `O_DIRECT`; cleared if a write is refused with
+    /// EINVAL (a device whose blocks are larger than [`BLOCK`]).
+    direct: bool,
     payload: Vec<u8>,
     aligned: Vec<u8>,
 }
@@ -132,6 +135,7 @@ impl Wal {
             retired: Vec::new(),
             has_spare,
             broken: false,
+            direct: true,
             payload: Vec::new(),
             aligned: Vec::new(),
         };
@@ -164,18 +168,27 @@ impl Wal {
             // The record carries the segment number: encode again.
             self.encode(ops);
         }
-        let block = aligned_mut(&mut self.aligned, size);
-        match self.file.write_all_at(block, self.len) {
-            Ok(()) => {
-                self.len += size as u64;
-                self.written += size as u64;
-                Ok(())
-            }
-            Err(e) => {
-                self.broken = true;
-                Err(e)
-            }
+        let mut result = self.write_record(size);
+        if self.direct && matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+            // O_DIRECT refused this write: continue without it.
+            tracing::warn!(dir = %self.dir.display(), "O_DIRECT writes are refused here; the log falls back to O_DSYNC");
+            self.direct = false;
+            self.rotate()?;
+            self.encode(ops);
+            result = self.write_record(size);
         }
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn write_record(&mut self, size: usize) -> std::io::Result<()> {
+        let block = aligned_mut(&mut self.aligned, size);
+        self.file.write_all_at(block, self.len)?;
+        self.len += size as u64;
+        self.written += size as u64;
+        Ok(())
     }
 
     /// Encodes `ops` as a record of the current segment into the aligned
@@ -237,7 +250,7 @@ impl Wal {
         let path = segment_path(&self.dir, next);
         let preallocated = self.has_spare && std::fs::rename(self.dir.join(SPARE), &path).is_ok();
         self.has_spare = false;
-        let file = open_segment(&path, !preallocated)?;
+        let file = open_segment(&path, !preallocated, self.direct)?;
         // The segment's name must survive a power cut before any record in
         // it is acknowledged.
         sync_dir(&self.dir)?;
@@ -332,9 +345,9 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.log"))
 }
 
-/// Opens a segment for writing: `O_DIRECT | O_DSYNC`, or only `O_DSYNC`
-/// where `O_DIRECT` is refused.
-fn open_segment(path: &Path, create: bool) -> std::io::Result<File> {
+/// Opens a segment for writing: `O_DIRECT | O_DSYNC` (if `direct`), or only
+/// `O_DSYNC` where `O_DIRECT` is refused.
+fn open_segment(path: &Path, create: bool, direct: bool) -> std::io::Result<File> {
     let open = |flags| {
         OpenOptions::new()
             .write(true)
@@ -343,6 +356,9 @@ fn open_segment(path: &Path, create: bool) -> std::io::Result<File> {
             .custom_flags(flags)
             .open(path)
     };
+    if !direct {
+        return open(libc::O_DSYNC);
+    }
     match open(libc::O_DIRECT | libc::O_DSYNC) {
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             if create {
