@@ -5,7 +5,7 @@
 //! hanging it.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -17,6 +17,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+
+use crate::support::example;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -129,26 +131,10 @@ async fn in_process_store_rejects_stale_tokens() {
     within("shutdown", server).await.unwrap().unwrap();
 }
 
-/// The `fenced_store` example binary, built by `cargo test` (or `cargo build
-/// --examples`) next to the crate's own binary.
-fn example_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_leasehold"))
-        .parent()
-        .expect("the binary's directory")
-        .join("examples/fenced_store");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --examples` first (plain `cargo test` builds it, \
-         `cargo test --test it` does not)",
-        path.display()
-    );
-    path
-}
-
 /// Starts `fenced_store` on `data_dir` and reads the port from its one line
 /// of stdout.
 async fn spawn_store(data_dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(example_binary())
+    let mut child = Command::new(example("fenced_store"))
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "warn")

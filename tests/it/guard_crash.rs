@@ -6,31 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use leasehold::guard::{GuardError, SledGuard};
 
-use crate::support::binary;
-
-/// The `guard_writer` example binary, built by `cargo test` (or `cargo build
-/// --examples`) next to the crate's own binary.
-fn writer_binary() -> PathBuf {
-    let path = binary()
-        .parent()
-        .expect("target dir")
-        .join("examples")
-        .join("guard_writer");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --examples` first (plain `cargo test` builds it, \
-         `cargo test --test it` does not)",
-        path.display()
-    );
-    path
-}
+use crate::support::example;
 
 /// What the writer promised before it died.
 #[derive(Default)]
@@ -45,7 +28,7 @@ struct Promises {
 /// have passed), kills it with SIGKILL, and returns every complete line it
 /// printed before dying.
 fn write_then_kill(dir: &Path, acks: usize) -> Promises {
-    let mut child = Command::new(writer_binary())
+    let mut child = Command::new(example("guard_writer"))
         .arg("--data-dir")
         .arg(dir)
         .args(["--max-seconds", "20s"])

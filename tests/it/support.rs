@@ -249,6 +249,23 @@ pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_leasehold"))
 }
 
+/// An example binary (`examples/NAME`), built by `cargo test` (or `cargo
+/// build --examples`) next to the crate's own binary.
+pub fn example(name: &str) -> PathBuf {
+    let path = binary()
+        .parent()
+        .expect("the binary's directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples` first (plain `cargo test` builds it, \
+         `cargo test --test it` does not)",
+        path.display()
+    );
+    path
+}
+
 /// A `leasehold serve` child process.
 pub struct ServerProcess {
     pub child: Child,
