@@ -4,27 +4,12 @@
 //! writes; worker 1 resumes and writes with its old token, and is rejected.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use leasehold::proto::{fenced_kv_client::FencedKvClient, GetRequest};
 
 use crate::support::*;
-
-fn example(name: &str) -> PathBuf {
-    let path = binary()
-        .parent()
-        .expect("target dir")
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --examples`",
-        path.display()
-    );
-    path
-}
 
 fn worker(coordinator: &str, store: &str, value: &str, pause: &str) -> Child {
     Command::new(example("worker"))
