@@ -75,7 +75,7 @@ struct Shared {
     last_batch: std::sync::atomic::AtomicUsize,
     stopping: AtomicBool,
     /// The committer thread, to wake it.
-    thread: Mutex<Option<std::thread::Thread>>,
+    thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Committer {
@@ -88,7 +88,7 @@ impl Committer {
             batches: AtomicU64::new(0),
             last_batch: std::sync::atomic::AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            thread: Mutex::new(None),
+            thread: std::sync::OnceLock::new(),
         });
         let thread = {
             let shared = shared.clone();
@@ -96,7 +96,7 @@ impl Committer {
                 .name("leasehold-commit".into())
                 .spawn(move || shared.run())?
         };
-        *shared.thread.lock() = Some(thread.thread().clone());
+        let _ = shared.thread.set(thread.thread().clone());
         Ok(Committer {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -201,7 +201,7 @@ impl Shared {
     }
 
     fn wake_thread(&self) {
-        if let Some(t) = &*self.thread.lock() {
+        if let Some(t) = self.thread.get() {
             t.unpark();
         }
     }
