@@ -14,7 +14,7 @@
 //! grants the resource to the first waiter in the same command, and the
 //! waiter's reply is sent only once that grant is durable. If the waiter has
 //! gone away by then (its call was cancelled), nobody will ever hold that
-//! lease, so it is released straight away ([`Orphan`]).
+//! lease, so it is released straight away (`Orphan`).
 //!
 //! A background timer sleeps until the next deadline and expires leases, so
 //! waiters are handed over on expiry even when no other call comes in.

@@ -16,7 +16,7 @@
 //! - [`client`]: the worker's library: acquire, keepalive, safe retries.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
 //!   [`fenced_kv`]: a small fenced key-value service built from them.
-//! - [`bench`]: `leasehold bench`, bounded load generators with checks.
+//! - [`bench`](mod@bench): `leasehold bench`, bounded load generators with checks.
 //! - [`cli`]: the `leasehold` command line.
 //!
 //! See ARCHITECTURE.md for how a request flows and which invariants hold where.

@@ -18,17 +18,21 @@
 //!
 //! [`Store::commit`] turns a batch of changes into key/value operations,
 //! raises the token reservation (synced) if the batch holds a token above
-//! it, appends the operations to the log as one record and syncs it, and
-//! only then applies them to sled (plain inserts, no flush). So once
-//! `commit` returns, the whole batch survives a crash of the process
-//! (`kill -9`) **and of the machine** (power loss): it is on the device, in
-//! the log. sled is only the table the log is replayed into.
+//! it, and writes the operations to the log as one record with a
+//! synchronous write. So once `commit` returns, the whole batch survives a
+//! crash of the process (`kill -9`) **and of the machine** (power loss): it
+//! is on the device, in the log.
 //!
-//! Every [`CHECKPOINT_BYTES`] of log (and at start-up and shutdown) the store
-//! checkpoints: sled's `flush()`, an `fdatasync` of sled's log file (sled's
-//! `flush()` alone does not reach the device; see shared FACTS), then the
-//! log's older segments are deleted. A start-up opens sled, replays what is
-//! left of the log over it (idempotent, see [`crate::wal`]) and checkpoints.
+//! The same operations go into an in-memory *overlay* (coalesced per key),
+//! which every read of the table consults on top of sled. Once a segment's
+//! worth ([`SEGMENT_BYTES`]) has been logged, the overlay is frozen and the
+//! checkpoint thread writes it into sled (one insert per key however often
+//! it changed), calls sled's `flush()` and `fdatasync`s sled's log file
+//! (`flush()` alone does not reach the device; see shared FACTS), and only
+//! then deletes the log segments the checkpoint covers. So sled is off the
+//! request path. A start-up opens sled, replays what is left of the log
+//! over it (idempotent, see [`crate::wal`]) and checkpoints; so does a
+//! graceful [`Store::close`].
 //!
 //! The reservation is separate from the log so that one `fdatasync` covers
 //! [`RESERVATION_BLOCK`] grants and a damaged or deleted database can never
