@@ -41,7 +41,7 @@
 //! Renewals that keep the TTL are not written: a restart gives every lease a
 //! full TTL anyway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -300,7 +300,7 @@ pub struct Store {
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<Checkpoint>, JoinHandle<()>)>>,
     reservation: Mutex<Reservation>,
     /// History entries per recently granted resource (see `trim_history`).
-    trims: Mutex<HashMap<Resource, usize>>,
+    trims: Mutex<HashMap<Resource, VecDeque<u64>>>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -555,7 +555,7 @@ impl Store {
             match change {
                 Change::Granted(record) => {
                     max_token = max_token.max(record.token.0);
-                    for old in self.trim_history(&mut trims, &record.resource)? {
+                    for old in self.trim_history(&mut trims, &record.resource, record.token)? {
                         ops.push(Op::Delete(old));
                     }
                     ops.push(Op::Put(
@@ -595,45 +595,51 @@ impl Store {
         Ok(ops)
     }
 
-    /// Makes room for one more history entry on `resource`.
+    /// Records a new history entry (`token`) on `resource` and returns the
+    /// keys of the entries that fall out of the newest
+    /// `history_per_resource`.
     ///
-    /// History may hold up to twice `history_per_resource` entries on disk
-    /// ([`Store::history`] shows only the newest `history_per_resource`):
-    /// trimming takes a range scan, so it runs once every
-    /// `history_per_resource` grants on a busy resource rather than on every
-    /// grant. `trims` remembers how many entries a resource has (bounded: it
-    /// is cleared when it grows past [`TRIM_CACHE`] resources, and a resource
-    /// it does not know costs one scan). The scan reads the table as of the
-    /// previous batch, so entries added earlier in the same batch may stay
-    /// until the next trim.
+    /// `trims` remembers, per recently granted resource, the tokens of its
+    /// history entries, oldest first, so a busy resource is trimmed exactly
+    /// and without reading the table. It is bounded: cleared when it grows
+    /// past [`TRIM_CACHE`] resources; a resource it does not know costs one
+    /// scan of the table (sled plus overlay).
     fn trim_history(
         &self,
-        trims: &mut HashMap<Resource, usize>,
+        trims: &mut HashMap<Resource, VecDeque<u64>>,
         resource: &Resource,
+        token: FencingToken,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let keep = self.shared.options.history_per_resource.max(1);
-        if let Some(count) = trims.get_mut(resource) {
-            if *count < 2 * keep {
-                *count += 1;
-                return Ok(Vec::new());
+        if !trims.contains_key(resource) {
+            self.db()?;
+            let known: VecDeque<u64> = self
+                .shared
+                .scan(&history_prefix(resource))?
+                .into_keys()
+                .filter_map(|k| {
+                    let at = k.len().checked_sub(8)?;
+                    Decoder::new(&k[at..]).u64()
+                })
+                .collect();
+            if trims.len() >= TRIM_CACHE {
+                trims.clear();
+            }
+            trims.insert(resource.clone(), known);
+        }
+        let Some(tokens) = trims.get_mut(resource) else {
+            return Ok(Vec::new());
+        };
+        if tokens.back() != Some(&token.0) {
+            tokens.push_back(token.0);
+        }
+        let mut old = Vec::new();
+        while tokens.len() > keep {
+            if let Some(t) = tokens.pop_front() {
+                old.push(history_key(resource, FencingToken(t)));
             }
         }
-        // Unknown or full: scan, and trim to `keep` entries counting the new one.
-        self.db()?;
-        let mut keys: Vec<Vec<u8>> = self
-            .shared
-            .scan(&history_prefix(resource))?
-            .into_keys()
-            .collect();
-        let remove = (keys.len() + 1).saturating_sub(keep);
-        let after = keys.len() + 1 - remove;
-        if trims.len() >= TRIM_CACHE {
-            trims.clear();
-        }
-        trims.insert(resource.clone(), after);
-        // Keys sort by token: the oldest come first.
-        keys.truncate(remove);
-        Ok(keys)
+        Ok(old)
     }
 
     /// The last grants on a resource, newest first.
@@ -1113,11 +1119,7 @@ mod tests {
     #[test]
     fn history_is_bounded_and_newest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions {
-            history_per_resource: 3,
-            ..StoreOptions::default()
-        };
-        let s = Store::open(dir.path(), opts).unwrap();
+        let s = Store::open(dir.path(), opts_3()).unwrap();
         for t in 1..=5 {
             s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
         }
@@ -1129,20 +1131,40 @@ mod tests {
             .map(|g| g.token.0)
             .collect();
         assert_eq!(tokens, [5, 4, 3]);
-        // Trimming is amortized: the disk holds at most twice the limit.
+        // Trimming is exact: the table holds the limit, also when one batch
+        // grants the same resource several times.
         let r = Resource::new("r").unwrap();
-        for t in 7..=60 {
-            s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
+        for t in (7..=60).step_by(2) {
+            s.commit(&[
+                Change::Granted(record("r", t, None)),
+                Change::Granted(record("r", t + 1, None)),
+            ])
+            .unwrap();
             let on_disk = s.shared.scan(&history_prefix(&r)).unwrap().len();
-            assert!(on_disk <= 6, "{on_disk} history entries after token {t}");
+            assert_eq!(on_disk, 3, "history entries after token {}", t + 1);
         }
-        let tokens: Vec<u64> = s
-            .history(&r, 100)
-            .unwrap()
-            .iter()
-            .map(|g| g.token.0)
-            .collect();
-        assert_eq!(tokens, [60, 59, 58]);
+        let newest = |s: &Store| -> Vec<u64> {
+            s.history(&r, 100)
+                .unwrap()
+                .iter()
+                .map(|g| g.token.0)
+                .collect()
+        };
+        assert_eq!(newest(&s), [60, 59, 58]);
+        // After a restart the store learns the history again from the table.
+        s.close().unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), opts_3()).unwrap();
+        s.commit(&[Change::Granted(record("r", 61, None))]).unwrap();
+        assert_eq!(newest(&s), [61, 60, 59]);
+        assert_eq!(s.shared.scan(&history_prefix(&r)).unwrap().len(), 3);
+    }
+
+    fn opts_3() -> StoreOptions {
+        StoreOptions {
+            history_per_resource: 3,
+            ..StoreOptions::default()
+        }
     }
 
     fn log_segments(data: &Path) -> usize {
@@ -1224,27 +1246,31 @@ mod tests {
         let records: Vec<LeaseRecord> = (1..=400)
             .map(|t| record(&format!("r{}", t % 40), t, None))
             .collect();
-        let mut most_segments = 0;
         {
             let s = Store::open(dir.path(), opts.clone()).unwrap();
-            for r in &records {
+            let caught_up = || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while s.shared.pending.lock().frozen.is_some() {
+                    assert!(std::time::Instant::now() < deadline, "checkpoint stuck");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            };
+            let (last, rest) = records.split_last().unwrap();
+            for r in rest {
                 s.commit(&[Change::Granted(r.clone())]).unwrap();
-                most_segments = most_segments.max(wal_segments());
             }
             // Writes reach sled in the background, reads see them at once.
             let h = s.history(&Resource::new("r0").unwrap(), 10).unwrap();
-            assert_eq!(h.iter().map(|g| g.token.0).collect::<Vec<_>>(), [400, 360]);
-            // Checkpoints happened (sled has some of it) and keep up.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while s.shared.pending.lock().frozen.is_some() {
-                assert!(std::time::Instant::now() < deadline, "checkpoint stuck");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            assert_eq!(h.iter().map(|g| g.token.0).collect::<Vec<_>>(), [360, 320]);
+            // Once the checkpoint running now and the one the next commit
+            // starts are done, the log is down to the segments since then.
+            caught_up();
+            s.commit(&[Change::Granted(last.clone())]).unwrap();
+            caught_up();
             assert!(s.db().unwrap().scan_prefix(b"H").count() > 0);
+            assert!(wal_segments() <= 3, "{} log segments", wal_segments());
             s.close().unwrap();
         }
-        // The current segment plus the few a running checkpoint covers.
-        assert!(most_segments <= 6, "{most_segments} log segments at once");
         assert_eq!(wal_segments(), 1);
         let s = Store::open(dir.path(), opts).unwrap();
         let mut loaded = s.load().unwrap().leases;
