@@ -45,13 +45,7 @@ async fn list_shows_the_details_of_live_leases() {
     let before = now_ms();
     let a = grant(&mut c, acquire_req("jobs/a", "alice", 5000)).await;
     grant(&mut c, acquire_req("other", "bob", 5000)).await;
-    c.renew(proto::RenewRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-        ttl_ms: 0,
-    })
-    .await
-    .unwrap();
+    renew(&mut c, &a).await.unwrap();
     // A waiter in line shows up in the count.
     let mut w = server.client().await;
     let mut waiting = acquire_req("jobs/a", "carol", 5000);
@@ -115,12 +109,7 @@ async fn pagination_is_stable_while_leases_change() {
             // and add one behind the cursor and one ahead of it.
             for name in ["p/03", "p/17"] {
                 let l = &ids[name];
-                c.release(proto::ReleaseRequest {
-                    lease_id: l.lease_id.clone(),
-                    token: l.token,
-                })
-                .await
-                .unwrap();
+                release(&mut c, l).await.unwrap();
             }
             grant(&mut c, acquire_req("p/00a", "h", 10_000)).await;
             grant(&mut c, acquire_req("p/20a", "h", 10_000)).await;
@@ -167,14 +156,7 @@ async fn revoke_frees_at_once_and_the_holder_gets_not_found() {
     let info = done.lease.unwrap();
     assert_eq!((info.holder.as_str(), info.token), ("alice", a.token));
     assert!(!describe(&mut c, "r").await.held);
-    let err = c
-        .renew(proto::RenewRequest {
-            lease_id: a.lease_id.clone(),
-            token: a.token,
-            ttl_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = renew(&mut c, &a).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // Revoking a free resource is harmless.
     assert!(
@@ -257,19 +239,8 @@ async fn watch_sees_acquire_release_expire_revoke_in_order() {
         .into_inner();
     grant(&mut c, acquire_req("elsewhere", "x", 10_000)).await;
     let a = grant(&mut c, acquire_req("w/a", "alice", 10_000)).await;
-    c.renew(proto::RenewRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-        ttl_ms: 0,
-    })
-    .await
-    .unwrap();
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    renew(&mut c, &a).await.unwrap();
+    release(&mut c, &a).await.unwrap();
     let b = grant(&mut c, acquire_req("w/b", "bob", 10_000)).await;
     admin.revoke(revoke_req("w/b", b.token)).await.unwrap();
     let e = grant(&mut c, acquire_req("w/e", "eve", 100)).await;
@@ -383,12 +354,7 @@ async fn history_is_kept_per_resource_bounded_and_durable() {
         let l = grant(&mut c, acquire_req("h", &format!("w{i}"), ttl)).await;
         tokens.push(l.token);
         if i < 3 {
-            c.release(proto::ReleaseRequest {
-                lease_id: l.lease_id,
-                token: l.token,
-            })
-            .await
-            .unwrap();
+            release(&mut c, &l).await.unwrap();
         } else if i == 3 {
             tokio::time::sleep(Duration::from_millis(120)).await;
         }
@@ -436,19 +402,8 @@ async fn stats_count_what_happened() {
     let a = grant(&mut c, acquire_req("a", "h", 10_000)).await;
     let b = grant(&mut c, acquire_req("b", "h", 100)).await;
     grant(&mut c, acquire_req("c", "h", 10_000)).await;
-    c.renew(proto::RenewRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-        ttl_ms: 0,
-    })
-    .await
-    .unwrap();
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id,
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    renew(&mut c, &a).await.unwrap();
+    release(&mut c, &a).await.unwrap();
     admin.revoke(revoke_req("c", 0)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert!(!describe(&mut c, "b").await.held);
@@ -525,19 +480,8 @@ async fn live_lease_limit_refuses_only_the_excess() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.message().contains("live leases (limit 2)"), "{err:?}");
     // Nothing else is affected: renewals work, and a freed slot is usable.
-    c.renew(proto::RenewRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-        ttl_ms: 0,
-    })
-    .await
-    .unwrap();
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id,
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    renew(&mut c, &a).await.unwrap();
+    release(&mut c, &a).await.unwrap();
     grant(&mut c, acquire_req("c", "h", 10_000)).await;
 }
 

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use leasehold::auth::AdminToken;
 use leasehold::coordinator::Config;
-use leasehold::proto;
 use leasehold::server::ServerConfig;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -155,14 +154,7 @@ async fn admin_cli_revoke_needs_confirmation_then_frees_the_resource() {
         out.stdout.trim(),
         format!("revoked r (holder alice, token {})", a.token)
     );
-    let err = c
-        .renew(proto::RenewRequest {
-            lease_id: a.lease_id,
-            token: a.token,
-            ttl_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = renew(&mut c, &a).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let out = run_cli(&["leases", "revoke", "r", "-y", "--server", &url], &[]).await;
     assert_eq!(out.code, 3, "{out:?}");
@@ -175,12 +167,7 @@ async fn admin_cli_history_and_status() {
     let url = server.url();
     let mut c = server.client().await;
     let a = grant(&mut c, acquire_req("h", "alice", 10_000)).await;
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id,
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    release(&mut c, &a).await.unwrap();
     let b = grant(&mut c, acquire_req("h", "bob", 10_000)).await;
     let out = run_cli(&["leases", "history", "h", "--server", &url], &[]).await;
     assert_eq!(out.code, 0, "{out:?}");

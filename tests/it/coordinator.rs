@@ -60,14 +60,7 @@ async fn expiry_frees_the_resource_at_once() {
     assert!(!describe(&mut c, "r").await.held);
     let b = grant(&mut c, acquire_req("r", "bob", 100)).await;
     assert!(b.token > a.token);
-    let err = c
-        .renew(proto::RenewRequest {
-            lease_id: a.lease_id,
-            token: a.token,
-            ttl_ms: 0,
-        })
-        .await
-        .unwrap_err();
+    let err = renew(&mut c, &a).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -190,22 +183,12 @@ async fn waiters_are_served_first_come_first_served() {
         wait_for_waiters(&mut c, "r", i as u32 + 1).await;
     }
     let mut last = a.clone();
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id.clone(),
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    release(&mut c, &a).await.unwrap();
     for (w, name) in waiters.into_iter().zip(["w1", "w2", "w3"]) {
         let l = w.await.unwrap();
         assert_eq!(l.holder, name, "served out of order");
         assert!(l.token > last.token);
-        c.release(proto::ReleaseRequest {
-            lease_id: l.lease_id.clone(),
-            token: l.token,
-        })
-        .await
-        .unwrap();
+        release(&mut c, &l).await.unwrap();
         last = l;
     }
 }
@@ -236,12 +219,7 @@ async fn a_cancelled_waiter_leaves_the_queue_and_is_never_granted() {
     wait_for_waiters(&mut c, "r", 1).await;
     waiter.abort(); // the caller goes away: its call is cancelled
     wait_for_waiters(&mut c, "r", 0).await;
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id,
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    release(&mut c, &a).await.unwrap();
     assert!(
         !describe(&mut c, "r").await.held,
         "a lease went to a waiter that left"
@@ -284,12 +262,7 @@ async fn idempotent_retries_return_the_same_lease() {
         (a.lease_id.as_str(), a.token)
     );
 
-    c.release(proto::ReleaseRequest {
-        lease_id: a.lease_id,
-        token: a.token,
-    })
-    .await
-    .unwrap();
+    release(&mut c, &a).await.unwrap();
     let err = c.acquire(req).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
@@ -304,12 +277,7 @@ async fn leases_and_tokens_survive_a_restart_with_a_full_ttl() {
     let mut c = server.client().await;
     let a = grant(&mut c, acquire_req("kept", "h", 2000)).await;
     let gone = grant(&mut c, acquire_req("gone", "h", 2000)).await;
-    c.release(proto::ReleaseRequest {
-        lease_id: gone.lease_id,
-        token: gone.token,
-    })
-    .await
-    .unwrap();
+    release(&mut c, &gone).await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.restart().await;
     let mut c = server.client().await;
@@ -324,15 +292,7 @@ async fn leases_and_tokens_survive_a_restart_with_a_full_ttl() {
     );
     assert!(!describe(&mut c, "gone").await.held);
     // The holder keeps renewing the same lease after the restart.
-    let r = c
-        .renew(proto::RenewRequest {
-            lease_id: a.lease_id,
-            token: a.token,
-            ttl_ms: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = renew(&mut c, &a).await.unwrap();
     assert_eq!(r.lease.unwrap().token, a.token);
     let next = grant(&mut c, acquire_req("new", "h", 2000)).await;
     assert!(next.token > gone.token);

@@ -235,6 +235,30 @@ pub async fn held(c: &mut Client, req: proto::AcquireRequest) -> proto::Held {
     }
 }
 
+/// Renew `lease`, keeping its TTL.
+pub async fn renew(
+    c: &mut Client,
+    lease: &proto::Lease,
+) -> Result<proto::RenewResponse, tonic::Status> {
+    c.renew(proto::RenewRequest {
+        lease_id: lease.lease_id.clone(),
+        token: lease.token,
+        ttl_ms: 0,
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+/// Release `lease`; `Ok(released)`.
+pub async fn release(c: &mut Client, lease: &proto::Lease) -> Result<bool, tonic::Status> {
+    c.release(proto::ReleaseRequest {
+        lease_id: lease.lease_id.clone(),
+        token: lease.token,
+    })
+    .await
+    .map(|r| r.into_inner().released)
+}
+
 pub async fn describe(c: &mut Client, resource: &str) -> proto::DescribeResponse {
     c.describe(proto::DescribeRequest {
         resource: resource.into(),
