@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    acquire, join_bounded, release, run_tag, BenchError, Check, Options, Report, Tally, Window,
+    acquire, join_bounded, release, run_tag, BenchError, Contention, Options, Report, Tally, Window,
 };
 
 /// Options of the contended workload beyond the common ones.
@@ -39,13 +39,7 @@ impl Default for ContendedOptions {
 
 #[derive(Default)]
 struct Shared {
-    /// Token of the current holder, 0 when nobody holds.
-    holder: AtomicU64,
-    /// Highest token seen granted.
-    highest: AtomicU64,
-    overlaps: AtomicU64,
-    backwards: AtomicU64,
-    grants: AtomicU64,
+    contention: Contention,
     timeouts: AtomicU64,
 }
 
@@ -93,27 +87,14 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
                 };
                 let t1 = Instant::now();
                 let token = lease.token;
-                shared.grants.fetch_add(1, Ordering::Relaxed);
-                if shared
-                    .holder
-                    .compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_err()
-                {
-                    shared.overlaps.fetch_add(1, Ordering::Relaxed);
-                }
-                if shared.highest.fetch_max(token, Ordering::SeqCst) >= token {
-                    shared.backwards.fetch_add(1, Ordering::Relaxed);
-                }
+                shared.contention.granted(token);
                 window.record(&mut tally, t0, t1);
                 if !c.hold.is_zero() {
                     tokio::time::sleep(c.hold).await;
                 }
                 // Cleared before the Release leaves: the next grant can only
                 // be sent after the server has seen this Release.
-                let _ =
-                    shared
-                        .holder
-                        .compare_exchange(token, 0, Ordering::SeqCst, Ordering::SeqCst);
+                shared.contention.releasing(token);
                 match release(&mut client, lease, opts.op_timeout).await {
                     Ok(true) => {}
                     Ok(false) => tally.error("the lease had ended before its release"),
@@ -140,21 +121,7 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
         measured,
         &tally,
     );
-    let grants = shared.grants.load(Ordering::Relaxed);
-    let overlaps = shared.overlaps.load(Ordering::Relaxed);
-    let backwards = shared.backwards.load(Ordering::Relaxed);
-    report.checks = vec![
-        Check::new(
-            "no-overlap",
-            overlaps == 0 && grants > 0,
-            format!("{grants} grants; {overlaps} while another holder held"),
-        ),
-        Check::new(
-            "tokens-increase",
-            backwards == 0,
-            format!("{backwards} grants not above every earlier token"),
-        ),
-    ];
+    report.checks = shared.contention.checks();
     report.extra.insert(
         "wait_timeouts".into(),
         shared.timeouts.load(Ordering::Relaxed) as f64,

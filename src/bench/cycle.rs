@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    acquire, join_bounded, release, run_tag, BenchError, Check, Options, Report, Tally, Window,
+    acquire, join_bounded, release, run_tag, tokens_unique, BenchError, Check, Options, Report,
+    Tally, Window,
 };
 
 struct Worker {
@@ -113,8 +114,6 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
         decreasing += w.decreasing;
     }
     let granted = tokens.len();
-    tokens.sort_unstable();
-    let duplicates = tokens.windows(2).filter(|p| p[0] == p[1]).count();
     let measured = window.measured();
     let workload = if fresh { "cycle-fresh" } else { "cycle" };
     let mut report = Report::new(
@@ -137,13 +136,7 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
             not_released == 0,
             format!("{not_released} live leases not released"),
         ),
-        Check::new(
-            "tokens-unique",
-            duplicates == 0 && decreasing == 0,
-            format!(
-                "{duplicates} tokens granted twice; {decreasing} went backwards within a worker"
-            ),
-        ),
+        tokens_unique(tokens, decreasing),
     ];
     usage.finish(measured, &mut report);
     Ok(report)

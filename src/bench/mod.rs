@@ -44,7 +44,8 @@ use tonic::transport::Endpoint;
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::{self, acquire_response::Outcome};
 pub use report::{
-    join_bounded, usage_at_window_start_arc, Check, Histogram, Report, ServerUsage, Tally, Window,
+    join_bounded, tokens_unique, usage_at_window_start_arc, Check, Contention, Histogram, Report,
+    ServerUsage, Tally, Window,
 };
 
 /// The generated client the workloads drive.

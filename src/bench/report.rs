@@ -248,6 +248,77 @@ impl Check {
     }
 }
 
+/// What the workers of a contended run share: a "current holder" slot and
+/// the highest token seen, for the `no-overlap` and `tokens-increase`
+/// checks (used by `bench contended` and by the peers' load generators).
+#[derive(Debug, Default)]
+pub struct Contention {
+    /// Token of the current holder, 0 when nobody holds.
+    holder: AtomicU64,
+    /// Highest token seen granted.
+    highest: AtomicU64,
+    overlaps: AtomicU64,
+    backwards: AtomicU64,
+    grants: AtomicU64,
+}
+
+impl Contention {
+    /// A worker was granted the lock with `token`.
+    pub fn granted(&self, token: u64) {
+        self.grants.fetch_add(1, Ordering::Relaxed);
+        if self
+            .holder
+            .compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            self.overlaps.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.highest.fetch_max(token, Ordering::SeqCst) >= token {
+            self.backwards.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The holder of `token` is about to release: call before the release
+    /// is sent, so the next grant can only come after it.
+    pub fn releasing(&self, token: u64) {
+        let _ = self
+            .holder
+            .compare_exchange(token, 0, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The two checks, with the figures.
+    pub fn checks(&self) -> Vec<Check> {
+        let grants = self.grants.load(Ordering::Relaxed);
+        let overlaps = self.overlaps.load(Ordering::Relaxed);
+        let backwards = self.backwards.load(Ordering::Relaxed);
+        vec![
+            Check::new(
+                "no-overlap",
+                overlaps == 0 && grants > 0,
+                format!("{grants} grants; {overlaps} while another holder held"),
+            ),
+            Check::new(
+                "tokens-increase",
+                backwards == 0,
+                format!("{backwards} grants not above every earlier token"),
+            ),
+        ]
+    }
+}
+
+/// The `tokens-unique` check of a cycle run: no token in `tokens` (every
+/// grant of the run) twice, and `backwards` grants whose token was not above
+/// their worker's previous one.
+pub fn tokens_unique(mut tokens: Vec<u64>, backwards: u64) -> Check {
+    tokens.sort_unstable();
+    let duplicates = tokens.windows(2).filter(|p| p[0] == p[1]).count();
+    Check::new(
+        "tokens-unique",
+        duplicates == 0 && backwards == 0,
+        format!("{duplicates} tokens granted twice; {backwards} went backwards within a worker"),
+    )
+}
+
 /// Latency quantiles in microseconds.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Latency {

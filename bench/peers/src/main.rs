@@ -24,14 +24,13 @@
 #[path = "../../../src/bench/report.rs"]
 mod report;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rand::RngCore;
-use report::{join_bounded, usage_at_window_start_arc, Check, Report, Tally, Window};
+use report::{join_bounded, usage_at_window_start_arc, Check, Contention, Report, Tally, Window};
 
 /// Load generators for etcd and ZooKeeper, reporting like `leasehold bench`.
 #[derive(Debug, Parser)]
@@ -113,74 +112,17 @@ impl Common {
     }
 }
 
-/// What every contended worker shares: the overlap and order checks.
-#[derive(Default)]
-struct Contention {
-    holder: AtomicU64,
-    highest: AtomicU64,
-    overlaps: AtomicU64,
-    backwards: AtomicU64,
-    grants: AtomicU64,
-}
-
-impl Contention {
-    fn granted(&self, token: u64) {
-        self.grants.fetch_add(1, Ordering::Relaxed);
-        if self
-            .holder
-            .compare_exchange(0, token, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            self.overlaps.fetch_add(1, Ordering::Relaxed);
-        }
-        if self.highest.fetch_max(token, Ordering::SeqCst) >= token {
-            self.backwards.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn releasing(&self, token: u64) {
-        let _ = self
-            .holder
-            .compare_exchange(token, 0, Ordering::SeqCst, Ordering::SeqCst);
-    }
-
-    fn checks(&self) -> Vec<Check> {
-        let grants = self.grants.load(Ordering::Relaxed);
-        let overlaps = self.overlaps.load(Ordering::Relaxed);
-        let backwards = self.backwards.load(Ordering::Relaxed);
-        vec![
-            Check::new(
-                "no-overlap",
-                overlaps == 0 && grants > 0,
-                format!("{grants} grants; {overlaps} while another holder held"),
-            ),
-            Check::new(
-                "tokens-increase",
-                backwards == 0,
-                format!("{backwards} grants not above every earlier token"),
-            ),
-        ]
-    }
-}
-
-/// Per-worker tokens of a cycle run, for the uniqueness check.
-fn cycle_checks(mut tokens: Vec<u64>, backwards: u64) -> Vec<Check> {
+/// The checks of a cycle run: every grant's token, and how many went
+/// backwards within a worker.
+fn cycle_checks(tokens: Vec<u64>, backwards: u64) -> Vec<Check> {
     let granted = tokens.len();
-    tokens.sort_unstable();
-    let duplicates = tokens.windows(2).filter(|p| p[0] == p[1]).count();
     vec![
         Check::new(
             "granted-when-free",
             granted > 0,
             format!("{granted} grants"),
         ),
-        Check::new(
-            "tokens-unique",
-            duplicates == 0 && backwards == 0,
-            format!(
-                "{duplicates} tokens granted twice; {backwards} went backwards within a worker"
-            ),
-        ),
+        report::tokens_unique(tokens, backwards),
     ]
 }
 
