@@ -470,6 +470,46 @@ mod tests {
         segment_path(dir, *seqs.last().unwrap())
     }
 
+    /// The open flags of `file`, from `/proc/self/fdinfo`.
+    fn open_flags(file: &File) -> i32 {
+        use std::os::fd::AsRawFd;
+        let info =
+            std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .unwrap()
+            .trim();
+        i32::from_str_radix(flags, 8).unwrap()
+    }
+
+    /// What makes a record durable when `append` returns: every segment,
+    /// new or spare, is written synchronously (`O_DSYNC`), and past the page
+    /// cache (`O_DIRECT`) where the file system allows it.
+    #[test]
+    fn segments_are_written_synchronously() {
+        let dir = tempfile::tempdir().unwrap();
+        let direct_allowed = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(dir.path().join("probe"))
+            .is_ok();
+        let (mut wal, _) = Wal::open(dir.path(), SEGMENT).unwrap();
+        let check = |wal: &Wal| {
+            let flags = open_flags(&wal.file);
+            assert_eq!(flags & libc::O_DSYNC, libc::O_DSYNC, "flags {flags:o}");
+            if direct_allowed {
+                assert_eq!(flags & libc::O_DIRECT, libc::O_DIRECT, "flags {flags:o}");
+            }
+        };
+        check(&wal);
+        assert!(Wal::prepare_spare(dir.path(), SEGMENT).unwrap());
+        wal.install_spare().unwrap();
+        assert!(wal.preallocated());
+        check(&wal);
+    }
+
     #[test]
     fn batches_come_back_in_order_after_reopening() {
         let dir = tempfile::tempdir().unwrap();
