@@ -364,6 +364,8 @@ impl Waiter {
 struct FlusherInner {
     tx: Mutex<Option<mpsc::Sender<Waiter>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// `flush()` calls made so far.
+    flushes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for FlusherInner {
@@ -410,13 +412,16 @@ impl GroupFlusher {
     /// Starts the flusher thread for `db`.
     pub fn start(db: sled::Db) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = flushes.clone();
         let thread = std::thread::Builder::new()
             .name("leasehold-flush".into())
-            .spawn(move || run_flusher(db, rx))?;
+            .spawn(move || run_flusher(db, rx, &counter))?;
         Ok(GroupFlusher {
             inner: Arc::new(FlusherInner {
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
+                flushes,
             }),
         })
     }
@@ -429,6 +434,14 @@ impl GroupFlusher {
         if let Some(waiter) = rejected {
             waiter.complete(Err(FlushError::Stopped));
         }
+    }
+
+    /// `flush()` calls made so far: fewer than the callers waiting on them
+    /// when flushes are shared.
+    pub fn flushes(&self) -> u64 {
+        self.inner
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Blocks until a `flush()` that started after this call has finished.
@@ -450,12 +463,13 @@ impl GroupFlusher {
     }
 }
 
-fn run_flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
+fn run_flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>, flushes: &std::sync::atomic::AtomicU64) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         // Everything queued before the flush starts is covered by it.
         batch.extend(rx.try_iter());
+        flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = db.flush().map(drop).map_err(|e| {
             tracing::error!(error = %e, waiters = batch.len(), "sled flush failed");
             FlushError::Storage(e)
@@ -1828,6 +1842,13 @@ mod tests {
                     .expect("a flush hung");
             }
         });
+        for t in 0..16u64 {
+            let value = data
+                .get(format!("k{t}"))
+                .unwrap()
+                .expect("a durable write is missing");
+            assert_eq!(&value[..], &4u64.to_be_bytes()[..]);
+        }
     }
 
     #[tokio::test]
@@ -1840,6 +1861,12 @@ mod tests {
             .await
             .expect("flushes hung");
         assert!(results.iter().all(Result::is_ok));
+        // All 32 were queued before the first flush could finish.
+        let flushes = guard.flusher().flushes();
+        assert!(
+            (1..32).contains(&flushes),
+            "{flushes} flushes for 32 waiters"
+        );
     }
 
     #[test]

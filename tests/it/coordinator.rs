@@ -51,6 +51,31 @@ async fn one_live_lease_per_resource_and_held_says_by_whom() {
     assert_eq!((d.holder.as_str(), d.token), ("alice", a.token));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_acquires_of_one_resource_grant_exactly_one() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let mut c = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            c.acquire(acquire_req("contended", &format!("w{w}"), 5000))
+                .await
+                .unwrap()
+                .into_inner()
+                .outcome
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Some(Outcome::Lease(_)) => granted += 1,
+            Some(Outcome::Held(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(granted, 1, "{granted} leases on one resource at once");
+}
+
 #[tokio::test]
 async fn expiry_frees_the_resource_at_once() {
     let server = TestServer::start().await;
@@ -184,6 +209,10 @@ async fn waiters_are_served_first_come_first_served() {
     }
     let mut last = a.clone();
     release(&mut c, &a).await.unwrap();
+    // Handed over inside the release, in the same durable write: the
+    // resource is never seen free in between.
+    let d = describe(&mut c, "r").await;
+    assert!(d.held && d.holder == "w1", "{d:?}");
     for (w, name) in waiters.into_iter().zip(["w1", "w2", "w3"]) {
         let l = w.await.unwrap();
         assert_eq!(l.holder, name, "served out of order");
