@@ -145,7 +145,8 @@ impl Wal {
     }
 
     /// Every batch in the log now, in order (retired segments included).
-    pub fn read_all(&self) -> std::io::Result<Vec<Vec<Op>>> {
+    #[cfg(test)]
+    fn read_all(&self) -> std::io::Result<Vec<Vec<Op>>> {
         let mut batches = Vec::new();
         for &seq in self.retired.iter().chain(std::iter::once(&self.seq)) {
             read_segment(&self.dir, seq, &mut batches)?;
@@ -239,7 +240,8 @@ impl Wal {
     }
 
     /// Whether the current segment is preallocated (fast writes).
-    pub fn preallocated(&self) -> bool {
+    #[cfg(test)]
+    fn preallocated(&self) -> bool {
         self.preallocated
     }
 
@@ -293,9 +295,12 @@ impl Wal {
         sync_dir(&self.dir)
     }
 
-    /// Whether a spare should be prepared: none is ready.
+    /// Whether a spare should be prepared now: none is ready, and either
+    /// the current segment is not preallocated or it is half full. (A
+    /// checkpoint usually recycles a segment first, and a server that logs
+    /// little never writes a second 16 MiB of zeros.)
     pub fn wants_spare(&self) -> bool {
-        !self.has_spare
+        !self.has_spare && (!self.preallocated || self.len >= self.segment_bytes / 2)
     }
 
     /// Fills a spare segment with zeros and syncs it, without the log's
