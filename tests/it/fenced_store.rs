@@ -6,19 +6,16 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use leasehold::fenced_kv;
 use leasehold::fencing;
 use leasehold::proto::fenced_kv_client::FencedKvClient;
 use leasehold::proto::{GetRequest, GetResponse, PutRequest};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
-use crate::support::example;
+use crate::support::{example, ServerProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -132,50 +129,31 @@ async fn in_process_store_rejects_stale_tokens() {
 }
 
 /// Starts `fenced_store` on `data_dir` and reads the port from its one line
-/// of stdout.
-async fn spawn_store(data_dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(example("fenced_store"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn fenced_store");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    within(
-        "the `listening on` line",
-        BufReader::new(stdout).read_line(&mut line),
+/// Starts `fenced_store` on `data_dir`.
+fn spawn_store(data_dir: &Path) -> ServerProcess {
+    let dir = data_dir.to_str().expect("utf-8 temp dir");
+    ServerProcess::spawn_program(
+        &example("fenced_store"),
+        &["--listen", "127.0.0.1:0", "--data-dir", dir],
     )
-    .await
-    .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("an address after `listening on`");
-    (child, addr)
 }
 
 #[tokio::test]
 async fn acknowledged_writes_and_marks_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
 
-    let (mut first, addr) = spawn_store(dir.path()).await;
-    let mut client = connect(addr).await;
+    let mut first = spawn_store(dir.path());
+    let mut client = connect(first.addr).await;
     assert_eq!(
         put(&mut client, "k", "nine", Some(("r", 9))).await.unwrap(),
         9
     );
     // SIGKILL, then reap: no chance to flush or clean up.
-    within("kill -9", first.kill()).await.expect("kill -9");
+    first.kill9();
     drop(client);
 
-    let (mut second, addr) = spawn_store(dir.path()).await;
-    let mut client = connect(addr).await;
+    let second = spawn_store(dir.path());
+    let mut client = connect(second.addr).await;
     let status = put(&mut client, "k", "eight", Some(("r", 8)))
         .await
         .unwrap_err();
@@ -185,5 +163,5 @@ async fn acknowledged_writes_and_marks_survive_kill_9() {
         (got.found, got.value.as_slice(), got.token),
         (true, &b"nine"[..], 9)
     );
-    within("kill", second.kill()).await.expect("kill");
+    drop(second); // killed and reaped
 }
