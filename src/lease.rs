@@ -278,6 +278,7 @@ mod tests {
             (Holder::new(long(256)).map(drop), None),
             (Holder::new(long(257)).map(drop), Some("holder")),
             (Holder::new("").map(drop), Some("holder")),
+            (Holder::new("worker\u{7}").map(drop), Some("holder")),
             (RequestId::new_optional(long(128)).map(drop), None),
             (
                 RequestId::new_optional(long(129)).map(drop),
@@ -293,6 +294,8 @@ mod tests {
                 Bounds::default().ttl("ttl_ms", 3_600_001).map(drop),
                 Some("ttl_ms"),
             ),
+            (Bounds::default().ttl("ttl_ms", 3_600_000).map(drop), None),
+            (Bounds::default().wait(300_000).map(drop), None),
             (Bounds::default().wait(300_001).map(drop), Some("wait_ms")),
         ];
         for (i, (got, want)) in cases.into_iter().enumerate() {

@@ -281,6 +281,9 @@ async fn idempotent_retries_return_the_same_lease() {
     let err = c.acquire(other).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("request_id"), "{}", err.message());
+    // The retries made no token: the next grant anywhere is the very next one.
+    let next = grant(&mut c, acquire_req("elsewhere", "h", 5000)).await;
+    assert_eq!(next.token, a.token + 1);
 
     // Keys survive a restart.
     server.restart().await;
@@ -292,12 +295,17 @@ async fn idempotent_retries_return_the_same_lease() {
     );
 
     release(&mut c, &a).await.unwrap();
-    let err = c.acquire(req).await.unwrap_err();
+    let err = c.acquire(req.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         !describe(&mut c, "r").await.held,
         "an ended key made a fresh grant"
     );
+    // ...also after a restart.
+    server.restart().await;
+    let mut c = server.client().await;
+    let err = c.acquire(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
 #[tokio::test]
