@@ -1500,8 +1500,10 @@ mod tests {
     #[derive(Clone, Copy, Debug)]
     enum Route {
         Insert,
+        InsertDurable,
         Plain,
         Transaction,
+        TransactionDurable,
     }
 
     /// One guarded write of `token` under `resource` into `key` by `path`;
@@ -1529,6 +1531,11 @@ mod tests {
                     .insert(resource, token, data, key, encode(token, b"v"))
                     .map(|old| old.map(|v| token_of(&v))),
             ),
+            Route::InsertDurable => outcome(
+                guard
+                    .insert_durable(resource, token, data, key, encode(token, b"v"))
+                    .map(|old| old.map(|v| token_of(&v))),
+            ),
             Route::Plain => outcome(guard.write_plain(resource, token, || {
                 data.insert(key, encode(token, b"v"))
                     .map(|old| old.map(|v| token_of(&v)))
@@ -1538,6 +1545,13 @@ mod tests {
                 tx.insert(key, encode(token, b"v"))?;
                 Ok::<_, NoAbort>(previous)
             })),
+            Route::TransactionDurable => {
+                outcome(guard.write_durable(resource, token, data, |tx| {
+                    let previous = tx.get(key)?.map(|v| token_of(&v));
+                    tx.insert(key, encode(token, b"v"))?;
+                    Ok::<_, NoAbort>(previous)
+                }))
+            }
         }
     }
 
@@ -1549,10 +1563,14 @@ mod tests {
         let pairs = [
             (Insert, Insert),
             (Plain, Insert),
+            (Insert, Plain),
+            (Plain, Plain),
             (Insert, Transaction),
             (Transaction, Insert),
             (Plain, Transaction),
             (Transaction, Plain),
+            (InsertDurable, TransactionDurable),
+            (TransactionDurable, InsertDurable),
         ];
         let (_dir, db) = temp_db();
         let data = db.open_tree("data").unwrap();
