@@ -156,6 +156,8 @@ SERVER_PID=$!
 PIDS+=("$SERVER_PID")
 wait_port "$ZK_PORT" 60
 ZK=(--endpoint "127.0.0.1:$ZK_PORT")
+# cycle-bare first: it also warms the JVM's JIT, so the recipe is measured warm.
+run "zookeeper cycle-bare" "$PEERS" zookeeper cycle-bare "${ZK[@]}" "${COMMON[@]}"
 run "zookeeper cycle" "$PEERS" zookeeper cycle "${ZK[@]}" "${COMMON[@]}"
 run "zookeeper contended" "$PEERS" zookeeper contended "${ZK[@]}" "${COMMON[@]}"
 stop_pid "$SERVER_PID"

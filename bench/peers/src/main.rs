@@ -13,9 +13,14 @@
 //!   → Unlock(key) on the worker's own name; `cycle-lease` also grants and
 //!   revokes a lease every cycle (what a Leasehold cycle does: every Acquire
 //!   makes a new lease). Token: the Lock response's header revision.
-//! - ZooKeeper `cycle`: one session per worker; create an ephemeral
-//!   sequential znode under the worker's own parent, then delete it (two
-//!   round trips; a full recipe would also list the children). Token: czxid.
+//! - ZooKeeper `cycle`: one session per worker; the lock recipe on the
+//!   worker's own parent (Curator's `InterProcessMutex`): create an ephemeral
+//!   sequential znode, list the children to learn that it is the lowest (on
+//!   a free name it always is), then delete it. Three round trips: without
+//!   the listing a client does not know it holds the lock, so a Leasehold
+//!   Acquire (which answers "you hold it") is the create *and* the listing.
+//!   `cycle-bare` drops the listing (create + delete, not a lock) and is
+//!   shown as a lower bound. Token: czxid.
 //! - `contended` on both: every worker queues on one name; etcd's Lock waits
 //!   server-side, ZooKeeper's recipe lists the children and watches its
 //!   predecessor. Same checks as Leasehold's: no overlap, tokens increase.
@@ -71,7 +76,10 @@ enum EtcdWorkload {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ZkWorkload {
+    /// The lock recipe on a free name: create, list children, delete.
     Cycle,
+    /// Create + delete only: no ownership check, so not a lock; a lower bound.
+    CycleBare,
     Contended,
 }
 
@@ -387,7 +395,7 @@ async fn zookeeper(workload: ZkWorkload, c: &Common) -> anyhow::Result<Report> {
         let (window, c, contention) = (window.clone(), c.clone(), contention.clone());
         let dir = match workload {
             ZkWorkload::Contended => contended_dir.clone(),
-            ZkWorkload::Cycle => format!("{root}/w{w}"),
+            ZkWorkload::Cycle | ZkWorkload::CycleBare => format!("{root}/w{w}"),
         };
         handles.push(tokio::spawn(async move {
             let mut me = CycleWorker::new();
@@ -410,7 +418,7 @@ async fn zookeeper(workload: ZkWorkload, c: &Common) -> anyhow::Result<Report> {
                 };
                 let mine = format!("{prefix}{seq}");
                 let token = stat.czxid as u64;
-                if let ZkWorkload::Contended = workload {
+                if !matches!(workload, ZkWorkload::CycleBare) {
                     // The recipe: lowest sequence holds; others watch their predecessor.
                     let my_seq = seq.into_i64();
                     let deadline = Instant::now() + c.op_timeout;
@@ -448,6 +456,8 @@ async fn zookeeper(workload: ZkWorkload, c: &Common) -> anyhow::Result<Report> {
                         let _ = timed("delete", c.op_timeout, client.delete(&mine, None)).await;
                         continue;
                     }
+                }
+                if let ZkWorkload::Contended = workload {
                     contention.granted(token);
                     window.record(&mut me.tally, t0, Instant::now());
                     contention.releasing(token);
@@ -458,7 +468,7 @@ async fn zookeeper(workload: ZkWorkload, c: &Common) -> anyhow::Result<Report> {
                     me.tally.error(e);
                     continue;
                 }
-                if let ZkWorkload::Cycle = workload {
+                if !matches!(workload, ZkWorkload::Contended) {
                     window.record(&mut me.tally, t0, Instant::now());
                 }
             }
@@ -468,6 +478,7 @@ async fn zookeeper(workload: ZkWorkload, c: &Common) -> anyhow::Result<Report> {
     let (workers, lost) = join_bounded(handles, c.hard_stop(&window)).await;
     let name = match workload {
         ZkWorkload::Cycle => "cycle",
+        ZkWorkload::CycleBare => "cycle-bare",
         ZkWorkload::Contended => "contended",
     };
     finish(
@@ -514,13 +525,20 @@ fn table(file: &std::path::Path) -> anyhow::Result<()> {
         (Some(a), Some(b)) if b.rate > 0.0 => format!("{:.1}×", a.rate / b.rate),
         _ => "—".to_owned(),
     };
-    let rows: [(&str, &str, &str, &str); 3] = [
+    // An empty workload name leaves that column blank.
+    let rows: [(&str, &str, &str, &str); 4] = [
         ("lock cycle on a free name", "cycle", "cycle", "cycle"),
         (
             "lock cycle, new lease every cycle",
             "cycle",
             "cycle-lease",
             "cycle",
+        ),
+        (
+            "cycle, ZooKeeper create + delete only (not a lock: no ownership check)",
+            "cycle",
+            "",
+            "cycle-bare",
         ),
         (
             "contended: handoffs on one name",
