@@ -41,7 +41,7 @@
 //! Renewals that keep the TTL are not written: a restart gives every lease a
 //! full TTL anyway.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -259,6 +259,12 @@ type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 struct Pending {
     /// Changes since the last freeze, coalesced per key.
     active: Overlay,
+    /// Keys of `active` first written by an [`Op::Insert`] (a grant's new
+    /// history entry): a delete in the same window drops them from the
+    /// overlay instead of leaving a tombstone, so a history entry born and
+    /// trimmed within one checkpoint never costs sled anything. Under a
+    /// steady cycle load that is nearly every history entry.
+    born: HashSet<Vec<u8>>,
     /// Changes being written to sled by the checkpointer.
     frozen: Option<Arc<Overlay>>,
     /// The log's [`Wal::written`] at the last freeze.
@@ -353,7 +359,7 @@ impl Store {
                 apply(
                     &db,
                     ops.iter().map(|op| match op {
-                        Op::Put(k, v) => (k, Some(v)),
+                        Op::Put(k, v) | Op::Insert(k, v) => (k, Some(v)),
                         Op::Delete(k) => (k, None),
                     }),
                 )
@@ -412,6 +418,7 @@ impl Store {
             let db = shared.db()?;
             let (frozen, active) = {
                 let mut pending = shared.pending.lock();
+                pending.born.clear();
                 (pending.frozen.take(), std::mem::take(&mut pending.active))
             };
             let upto = {
@@ -519,8 +526,14 @@ impl Store {
         let mut pending = shared.pending.lock();
         for op in ops {
             match op {
-                Op::Put(k, v) => pending.active.insert(k, Some(v)),
-                Op::Delete(k) => pending.active.insert(k, None),
+                Op::Insert(k, v) => {
+                    pending.born.insert(k.clone());
+                    pending.active.insert(k, Some(v));
+                }
+                Op::Put(k, v) => drop(pending.active.insert(k, Some(v))),
+                // Born in this window: sled never had it, nothing to delete.
+                Op::Delete(k) if pending.born.remove(&k) => drop(pending.active.remove(&k)),
+                Op::Delete(k) => drop(pending.active.insert(k, None)),
             };
         }
         if wal.written() - pending.logged_at_freeze >= shared.options.segment_bytes
@@ -530,6 +543,8 @@ impl Store {
             // into sled; it then deletes (or recycles) every segment before
             // the current one.
             let frozen = Arc::new(std::mem::take(&mut pending.active));
+            // Frozen keys reach sled: a later delete must be written.
+            pending.born.clear();
             pending.frozen = Some(frozen.clone());
             pending.logged_at_freeze = wal.written();
             let upto = wal.segment();
@@ -558,7 +573,8 @@ impl Store {
                     for old in self.trim_history(&mut trims, &record.resource, record.token)? {
                         ops.push(Op::Delete(old));
                     }
-                    ops.push(Op::Put(
+                    // The token is new, so is the key.
+                    ops.push(Op::Insert(
                         history_key(&record.resource, record.token),
                         encode_history(record, None),
                     ));
@@ -1179,6 +1195,45 @@ mod tests {
         let s = Store::open(dir.path(), opts_3()).unwrap();
         s.commit(&[Change::Granted(record("r", 61, None))]).unwrap();
         assert_eq!(newest(&s), [61, 60, 59]);
+        assert_eq!(s.shared.scan(&history_prefix(&r)).unwrap().len(), 3);
+    }
+
+    /// A history entry born and trimmed between two checkpoints leaves
+    /// nothing in the overlay for sled; one that reached a checkpoint is
+    /// still deleted from sled when it is trimmed.
+    #[test]
+    fn history_born_and_trimmed_in_one_window_never_reaches_sled() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), opts_3()).unwrap();
+        let r = Resource::new("r").unwrap();
+        for t in 1..=3 {
+            s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
+        }
+        // Tokens 1–3 reach sled.
+        s.close().unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), opts_3()).unwrap();
+        for t in 4..=200 {
+            s.commit(&[Change::Granted(record("r", t, None))]).unwrap();
+        }
+        {
+            let pending = s.shared.pending.lock();
+            // Per key: 3 live entries, 3 tombstones for 1–3 (in sled), the lease.
+            assert_eq!(pending.active.len(), 7, "{:?}", pending.active.keys());
+            assert_eq!(pending.born.len(), 3);
+        }
+        let tokens = |s: &Store| -> Vec<u64> {
+            s.history(&r, 100)
+                .unwrap()
+                .iter()
+                .map(|g| g.token.0)
+                .collect()
+        };
+        assert_eq!(tokens(&s), [200, 199, 198]);
+        s.close().unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), opts_3()).unwrap();
+        assert_eq!(tokens(&s), [200, 199, 198]);
         assert_eq!(s.shared.scan(&history_prefix(&r)).unwrap().len(), 3);
     }
 

@@ -63,6 +63,9 @@ use std::path::{Path, PathBuf};
 pub enum Op {
     /// Set `key` to `value`.
     Put(Vec<u8>, Vec<u8>),
+    /// Set `key`, which has never existed, to `value`. Logged (and replayed)
+    /// as a [`Op::Put`]; the store may cancel it against a later delete.
+    Insert(Vec<u8>, Vec<u8>),
     /// Remove `key` (absent is fine).
     Delete(Vec<u8>),
 }
@@ -200,7 +203,7 @@ impl Wal {
         p.extend_from_slice(&self.seq.to_le_bytes());
         for op in ops {
             match op {
-                Op::Put(k, v) => {
+                Op::Put(k, v) | Op::Insert(k, v) => {
                     p.push(PUT);
                     put_bytes(p, k);
                     put_bytes(p, v);
