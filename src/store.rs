@@ -1181,20 +1181,13 @@ mod tests {
             let on_disk = s.shared.scan(&history_prefix(&r)).unwrap().len();
             assert_eq!(on_disk, 3, "history entries after token {}", t + 1);
         }
-        let newest = |s: &Store| -> Vec<u64> {
-            s.history(&r, 100)
-                .unwrap()
-                .iter()
-                .map(|g| g.token.0)
-                .collect()
-        };
-        assert_eq!(newest(&s), [60, 59, 58]);
+        assert_eq!(history_tokens(&s, &r), [60, 59, 58]);
         // After a restart the store learns the history again from the table.
         s.close().unwrap();
         drop(s);
         let s = Store::open(dir.path(), opts_3()).unwrap();
         s.commit(&[Change::Granted(record("r", 61, None))]).unwrap();
-        assert_eq!(newest(&s), [61, 60, 59]);
+        assert_eq!(history_tokens(&s, &r), [61, 60, 59]);
         assert_eq!(s.shared.scan(&history_prefix(&r)).unwrap().len(), 3);
     }
 
@@ -1222,19 +1215,21 @@ mod tests {
             assert_eq!(pending.active.len(), 7, "{:?}", pending.active.keys());
             assert_eq!(pending.born.len(), 3);
         }
-        let tokens = |s: &Store| -> Vec<u64> {
-            s.history(&r, 100)
-                .unwrap()
-                .iter()
-                .map(|g| g.token.0)
-                .collect()
-        };
-        assert_eq!(tokens(&s), [200, 199, 198]);
+        assert_eq!(history_tokens(&s, &r), [200, 199, 198]);
         s.close().unwrap();
         drop(s);
         let s = Store::open(dir.path(), opts_3()).unwrap();
-        assert_eq!(tokens(&s), [200, 199, 198]);
+        assert_eq!(history_tokens(&s, &r), [200, 199, 198]);
         assert_eq!(s.shared.scan(&history_prefix(&r)).unwrap().len(), 3);
+    }
+
+    /// The tokens of `r`'s history, newest first.
+    fn history_tokens(s: &Store, r: &Resource) -> Vec<u64> {
+        s.history(r, 100)
+            .unwrap()
+            .iter()
+            .map(|g| g.token.0)
+            .collect()
     }
 
     fn opts_3() -> StoreOptions {
