@@ -242,13 +242,11 @@ impl Reservation {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| StoreError::Io {
-            what: "syncing directory",
-            path: dir.to_owned(),
-            source,
-        })
+    crate::wal::sync_dir(dir).map_err(|source| StoreError::Io {
+        what: "syncing directory",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Key → value (`None`: deleted), the table's changes not yet in sled.
@@ -370,13 +368,8 @@ impl Store {
                 "replayed the log into the database"
             );
         }
-        shared.make_durable(&db)?;
-        {
-            let mut wal = shared.wal.lock();
-            let upto = wal.segment();
-            wal.remove_retired_before(upto)
-                .map_err(shared.wal_err("removing old segments from"))?;
-        }
+        let upto = shared.wal.lock().segment();
+        shared.checkpoint_into(&db, &[], upto)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = {
             let shared = shared.clone();
@@ -427,17 +420,8 @@ impl Store {
                     .map_err(shared.wal_err("starting a new segment in"))?;
                 wal.segment()
             };
-            if let Some(frozen) = frozen {
-                apply(&db, frozen.iter().map(|(k, v)| (k, v.as_ref())))
-                    .map_err(shared.sled_err())?;
-            }
-            apply(&db, active.iter().map(|(k, v)| (k, v.as_ref()))).map_err(shared.sled_err())?;
-            shared.make_durable(&db)?;
-            shared
-                .wal
-                .lock()
-                .remove_retired_before(upto)
-                .map_err(shared.wal_err("removing old segments from"))
+            let overlays: Vec<&Overlay> = frozen.as_deref().into_iter().chain([&active]).collect();
+            shared.checkpoint_into(&db, &overlays, upto)
         })();
         drop(shared.db.lock().take());
         *shared.sled_log.lock() = None;
@@ -633,10 +617,7 @@ impl Store {
                 .shared
                 .scan(&history_prefix(resource))?
                 .into_keys()
-                .filter_map(|k| {
-                    let at = k.len().checked_sub(8)?;
-                    Decoder::new(&k[at..]).u64()
-                })
+                .filter_map(|k| history_token(&k))
                 .collect();
             if trims.len() >= TRIM_CACHE {
                 trims.clear();
@@ -672,11 +653,7 @@ impl Store {
             .rev()
             .take(limit.min(self.shared.options.history_per_resource))
         {
-            let token = k
-                .len()
-                .checked_sub(8)
-                .and_then(|at| Decoder::new(&k[at..]).u64())
-                .ok_or_else(|| self.corrupt("bad history key"))?;
+            let token = history_token(k).ok_or_else(|| self.corrupt("bad history key"))?;
             let grant = decode_history(FencingToken(token), v)
                 .ok_or_else(|| self.corrupt("bad history record"))?;
             out.push(grant);
@@ -766,6 +743,26 @@ impl Shared {
         Ok(out)
     }
 
+    /// Writes `overlays` into sled, in order, makes sled durable, then
+    /// deletes (or recycles) the log segments numbered below `upto`, whose
+    /// every change sled now holds. The one sequence behind start-up, each
+    /// checkpoint and close.
+    fn checkpoint_into(
+        &self,
+        db: &sled::Db,
+        overlays: &[&Overlay],
+        upto: u64,
+    ) -> Result<(), StoreError> {
+        for overlay in overlays {
+            apply(db, overlay.iter().map(|(k, v)| (k, v.as_ref()))).map_err(self.sled_err())?;
+        }
+        self.make_durable(db)?;
+        self.wal
+            .lock()
+            .remove_retired_before(upto)
+            .map_err(self.wal_err("removing old segments from"))
+    }
+
     /// sled's `flush()` plus an `fdatasync` of its log: everything applied
     /// to `db` so far is on the device.
     fn make_durable(&self, db: &sled::Db) -> Result<(), StoreError> {
@@ -844,12 +841,7 @@ impl Shared {
 
     fn checkpoint(&self, job: &Checkpoint) -> Result<(), StoreError> {
         let db = self.db()?;
-        apply(&db, job.frozen.iter().map(|(k, v)| (k, v.as_ref()))).map_err(self.sled_err())?;
-        self.make_durable(&db)?;
-        self.wal
-            .lock()
-            .remove_retired_before(job.upto)
-            .map_err(self.wal_err("removing old segments from"))?;
+        self.checkpoint_into(&db, &[&job.frozen], job.upto)?;
         self.pending.lock().frozen = None;
         Ok(())
     }
@@ -949,6 +941,12 @@ fn history_key(resource: &Resource, token: FencingToken) -> Vec<u8> {
     let mut k = history_prefix(resource);
     k.extend_from_slice(&token.0.to_be_bytes());
     k
+}
+
+/// The token at the end of a [`history_key`].
+fn history_token(key: &[u8]) -> Option<u64> {
+    let at = key.len().checked_sub(8)?;
+    Decoder::new(&key[at..]).u64()
 }
 
 fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {

@@ -405,7 +405,8 @@ fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(seqs)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Makes the names in `dir` (new, renamed, removed) survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
