@@ -30,7 +30,7 @@
 //! it is durable. The coordinator uses that before it shows anyone state that
 //! might still be in flight (an idempotent replay, a Describe).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -73,7 +73,7 @@ struct Shared {
     writer: Mutex<()>,
     batches: AtomicU64,
     /// Jobs in the last batch written: large batches mean a busy server.
-    last_batch: std::sync::atomic::AtomicUsize,
+    last_batch: AtomicUsize,
     stopping: AtomicBool,
     /// The committer thread, to wake it.
     thread: std::sync::OnceLock<std::thread::Thread>,
@@ -87,7 +87,7 @@ impl Committer {
             queue: Mutex::new(Some(Vec::new())),
             writer: Mutex::new(()),
             batches: AtomicU64::new(0),
-            last_batch: std::sync::atomic::AtomicUsize::new(0),
+            last_batch: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             thread: std::sync::OnceLock::new(),
         });
@@ -248,24 +248,14 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     use super::*;
-    use crate::lease::{FencingToken, Holder, LeaseId, Resource};
-    use crate::state::LeaseRecord;
+    use crate::lease::Resource;
     use crate::store::StoreOptions;
 
     fn grant(resource: &str, token: u64) -> Change {
-        Change::Granted(LeaseRecord {
-            resource: Resource::new(resource).unwrap(),
-            lease_id: LeaseId::random(),
-            token: FencingToken(token),
-            holder: Holder::new("h").unwrap(),
-            ttl: Duration::from_secs(60),
-            acquired_unix_ms: 1,
-            request_id: None,
-        })
+        Change::Granted(crate::store::tests::record(resource, token, None))
     }
 
     /// Many threads submit (in one order, as the coordinator's lock makes

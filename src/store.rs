@@ -1110,10 +1110,11 @@ fn decode_history(token: FencingToken, v: &[u8]) -> Option<GrantRecord> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(resource: &str, token: u64, key: Option<&str>) -> LeaseRecord {
+    /// A lease record for tests (here and in `commit`).
+    pub(crate) fn record(resource: &str, token: u64, key: Option<&str>) -> LeaseRecord {
         LeaseRecord {
             resource: Resource::new(resource).unwrap(),
             lease_id: LeaseId::random(),
@@ -1310,38 +1311,41 @@ mod tests {
     fn only_the_checkpoint_thread_is_niced() {
         let dir = tempfile::tempdir().unwrap();
         let _store = Store::open(dir.path(), StoreOptions::default()).unwrap();
-        let nice_of = |name: &str| {
+        // (name, nice) of every thread of this process: stat's second field
+        // and its 19th, the 17th after the name's closing parenthesis.
+        let threads = || {
             std::fs::read_dir("/proc/self/task")
                 .unwrap()
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-                .filter(|stat| stat.contains(&format!("({name})")))
-                // Field 19 of stat; the 17th after the command's closing parenthesis.
                 .filter_map(|stat| {
-                    stat.rsplit_once(')')?
-                        .1
-                        .split_whitespace()
-                        .nth(16)?
-                        .parse::<i32>()
-                        .ok()
+                    let (head, tail) = stat.rsplit_once(')')?;
+                    let name = head.split_once('(')?.1.to_owned();
+                    let nice = tail.split_whitespace().nth(16)?.parse::<i32>().ok()?;
+                    Some((name, nice))
                 })
                 .collect::<Vec<_>>()
         };
         // The kernel keeps 15 bytes of a thread's name. The thread lowers its
         // own priority once it runs: wait for that, boundedly. (Other tests'
         // stores have checkpoint threads too, hence "some".)
-        let niced = || nice_of("leasehold-check").contains(&CHECKPOINT_NICE);
+        let checkpointer = "leasehold-check";
+        let niced = || {
+            threads()
+                .iter()
+                .any(|(name, nice)| name == checkpointer && *nice == CHECKPOINT_NICE)
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !niced() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(niced(), "{:?}", nice_of("leasehold-check"));
-        let me = std::thread::current()
-            .name()
-            .unwrap_or("")
-            .chars()
-            .take(15)
-            .collect::<String>();
-        assert!(nice_of(&me).iter().all(|&n| n == 0), "{:?}", nice_of(&me));
+        assert!(niced(), "{:?}", threads());
+        // Every other thread (this test's, other tests', sled's) is untouched.
+        let others: Vec<_> = threads()
+            .into_iter()
+            .filter(|(name, _)| name != checkpointer)
+            .collect();
+        assert!(!others.is_empty());
+        assert!(others.iter().all(|(_, nice)| *nice == 0), "{others:?}");
     }
 
     #[test]
