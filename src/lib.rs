@@ -5,8 +5,8 @@
 //! - [`lease`]: validated domain types (resource, holder, lease id, token).
 //! - [`state`]: the pure lease state machine; time is an argument, no I/O.
 //! - [`store`]: the only module that knows sled and the disk.
-//! - [`wal`]: the store's write-ahead log; one `fdatasync` per batch.
-//! - [`commit`]: group commit; one thread, one sync per batch.
+//! - [`wal`]: the store's write-ahead log; one synchronous write per batch.
+//! - [`commit`]: group commit; one writer at a time, one write per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`admin`]: the operator API (list, revoke, watch, history, stats).

@@ -3,8 +3,8 @@
 //! A data directory holds three things:
 //!
 //! - `wal/`: the write-ahead log ([`crate::wal`]). Every batch of changes is
-//!   appended there as one record and `fdatasync`ed before any of it is
-//!   answered.
+//!   written there as one record, synchronously (`O_DIRECT | O_DSYNC`),
+//!   before any of it is answered.
 //! - `db/`: a sled database with one tree, the checkpointed table. Keys
 //!   start with a one-byte tag:
 //!   `L` + resource → the live lease on it ([`LeaseRecord`]);
