@@ -84,6 +84,46 @@ fn record_lease(span: &Span, v: &LeaseView) {
 type KeepAliveStream =
     Pin<Box<dyn Stream<Item = Result<proto::KeepAliveResponse, Status>> + Send + 'static>>;
 
+type SessionStream =
+    Pin<Box<dyn Stream<Item = Result<proto::SessionResponse, Status>> + Send + 'static>>;
+
+impl LeaseApi {
+    /// One call of a session, answered as its unary RPC would answer it.
+    async fn session_call(
+        &self,
+        call: Option<proto::session_request::Call>,
+    ) -> proto::SessionResponse {
+        use proto::session_request::Call;
+        use proto::session_response::Result as Answer;
+        let result = match call {
+            Some(Call::Acquire(r)) => self
+                .acquire(Request::new(r))
+                .await
+                .map(|r| Answer::Acquire(r.into_inner())),
+            Some(Call::Renew(r)) => self
+                .renew(Request::new(r))
+                .await
+                .map(|r| Answer::Renew(r.into_inner())),
+            Some(Call::Release(r)) => self
+                .release(Request::new(r))
+                .await
+                .map(|r| Answer::Release(r.into_inner())),
+            None => Err(Status::invalid_argument(
+                "call: a session request must carry acquire, renew or release",
+            )),
+        };
+        let result = result.unwrap_or_else(|s| {
+            Answer::Error(proto::CallError {
+                code: s.code() as i32,
+                message: s.message().to_owned(),
+            })
+        });
+        proto::SessionResponse {
+            result: Some(result),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl LeaseService for LeaseApi {
     #[tracing::instrument(name = "Acquire", level = "debug", skip_all, fields(resource = %request.get_ref().resource, holder = %request.get_ref().holder, token = field::Empty))]
@@ -181,6 +221,27 @@ impl LeaseService for LeaseApi {
                     alive,
                 })
             });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type SessionStream = SessionStream;
+
+    #[tracing::instrument(name = "Session", skip_all)]
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::SessionRequest>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let api = self.clone();
+        let shutdown = self.coordinator.shutdown_token().cancelled_owned();
+        // `then` runs one call at a time, and reads the next request only
+        // once the client has taken the previous response.
+        let out = request.into_inner().take_until(shutdown).then(move |msg| {
+            let api = api.clone();
+            async move {
+                let msg = msg?;
+                Ok(api.session_call(msg.call).await)
+            }
+        });
         Ok(Response::new(Box::pin(out)))
     }
 

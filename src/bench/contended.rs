@@ -15,9 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
-    acquire, join_bounded, release, run_tag, BenchError, Contention, Options, Report, Tally, Window,
-};
+use super::{join_bounded, run_tag, BenchError, Contention, Options, Report, Tally, Window};
 
 /// Options of the contended workload beyond the common ones.
 #[derive(Debug, Clone)]
@@ -55,8 +53,7 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
     ));
     let shared = Arc::new(Shared::default());
     let mut handles = Vec::with_capacity(opts.concurrency);
-    for w in 0..opts.concurrency {
-        let mut client = clients[w % clients.len()].clone();
+    for (w, mut caller) in opts.callers(&clients).await?.into_iter().enumerate() {
         let (window, shared, opts, c) = (window.clone(), shared.clone(), opts.clone(), c.clone());
         let resource = resource.clone();
         handles.push(tokio::spawn(async move {
@@ -64,15 +61,9 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
             let mut tally = Tally::default();
             while window.running() {
                 let t0 = Instant::now();
-                let lease = match acquire(
-                    &mut client,
-                    resource.clone(),
-                    &holder,
-                    opts.ttl,
-                    c.wait,
-                    opts.op_timeout,
-                )
-                .await
+                let lease = match caller
+                    .acquire(resource.clone(), &holder, opts.ttl, c.wait, opts.op_timeout)
+                    .await
                 {
                     Ok(Some(l)) => l,
                     Ok(None) => {
@@ -95,7 +86,7 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
                 // Cleared before the Release leaves: the next grant can only
                 // be sent after the server has seen this Release.
                 shared.contention.releasing(token);
-                match release(&mut client, lease, opts.op_timeout).await {
+                match caller.release(lease, opts.op_timeout).await {
                     Ok(true) => {}
                     Ok(false) => tally.error("the lease had ended before its release"),
                     Err(e) => tally.error(e),
@@ -114,7 +105,11 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
     let measured = window.measured();
     let mut report = Report::new(
         "leasehold",
-        "contended",
+        if opts.session {
+            "contended-session"
+        } else {
+            "contended"
+        },
         "handoff",
         opts.concurrency,
         clients.len(),

@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{
-    acquire, join_bounded, release, run_tag, tokens_unique, BenchError, Check, Options, Report,
-    Tally, Window,
+    join_bounded, run_tag, tokens_unique, BenchError, Check, Options, Report, Tally, Window,
 };
 
 struct Worker {
@@ -35,8 +34,7 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
         opts.server_pid,
     ));
     let mut handles = Vec::with_capacity(opts.concurrency);
-    for w in 0..opts.concurrency {
-        let mut client = clients[w % clients.len()].clone();
+    for (w, mut caller) in opts.callers(&clients).await?.into_iter().enumerate() {
         let window = window.clone();
         let opts = opts.clone();
         let base = format!("bench/cycle/{tag}/{w}");
@@ -58,15 +56,15 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
                     base.clone()
                 };
                 let t0 = Instant::now();
-                let lease = match acquire(
-                    &mut client,
-                    resource,
-                    &holder,
-                    opts.ttl,
-                    std::time::Duration::ZERO,
-                    opts.op_timeout,
-                )
-                .await
+                let lease = match caller
+                    .acquire(
+                        resource,
+                        &holder,
+                        opts.ttl,
+                        std::time::Duration::ZERO,
+                        opts.op_timeout,
+                    )
+                    .await
                 {
                     Ok(Some(l)) => l,
                     Ok(None) => {
@@ -80,7 +78,7 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
                     }
                 };
                 let token = lease.token;
-                match release(&mut client, lease, opts.op_timeout).await {
+                match caller.release(lease, opts.op_timeout).await {
                     Ok(true) => {}
                     Ok(false) => {
                         me.not_released += 1;
@@ -115,7 +113,12 @@ pub async fn run(opts: &Options, fresh: bool) -> Result<Report, BenchError> {
     }
     let granted = tokens.len();
     let measured = window.measured();
-    let workload = if fresh { "cycle-fresh" } else { "cycle" };
+    let workload = match (fresh, opts.session) {
+        (false, false) => "cycle",
+        (true, false) => "cycle-fresh",
+        (false, true) => "cycle-session",
+        (true, true) => "cycle-fresh-session",
+    };
     let mut report = Report::new(
         "leasehold",
         workload,

@@ -42,6 +42,8 @@ use rand::RngCore;
 use tonic::transport::Endpoint;
 
 use crate::proto::lease_service_client::LeaseServiceClient;
+use crate::proto::session_request::Call;
+use crate::proto::session_response::Result as Answer;
 use crate::proto::{self, acquire_response::Outcome};
 pub use report::{
     join_bounded, tokens_unique, usage_at_window_start_arc, Check, Contention, Histogram, Report,
@@ -144,6 +146,9 @@ pub struct Options {
     pub op_timeout: Duration,
     /// The server's process id, for its CPU time and memory (`/proc`).
     pub server_pid: Option<u32>,
+    /// `cycle` and `contended`: each worker sends its calls over its own
+    /// Session stream instead of unary RPCs.
+    pub session: bool,
 }
 
 impl Default for Options {
@@ -158,6 +163,7 @@ impl Default for Options {
             max_ops: 10_000_000,
             op_timeout: Duration::from_secs(5),
             server_pid: None,
+            session: false,
         }
     }
 }
@@ -182,6 +188,18 @@ impl Options {
             clients.push(client);
         }
         Ok(clients)
+    }
+
+    /// One [`Caller`] per worker, dealt over `clients` (the connections).
+    pub async fn callers(&self, clients: &[Client]) -> Result<Vec<Caller>, BenchError> {
+        let mut callers = Vec::with_capacity(self.concurrency);
+        for w in 0..self.concurrency {
+            let caller = Caller::new(&clients[w % clients.len()], self.session)
+                .await
+                .map_err(BenchError::Setup)?;
+            callers.push(caller);
+        }
+        Ok(callers)
     }
 
     fn check(&self) -> Result<(), BenchError> {
@@ -219,8 +237,7 @@ pub struct Held {
     pub token: u64,
 }
 
-/// One Acquire with a timeout: `Ok(Some)` granted, `Ok(None)` held by
-/// someone else, `Err` failed.
+/// One unary Acquire with a timeout (see [`Caller::acquire`]).
 pub async fn acquire(
     client: &mut Client,
     resource: String,
@@ -229,36 +246,140 @@ pub async fn acquire(
     wait: Duration,
     timeout: Duration,
 ) -> Result<Option<Held>, String> {
-    let req = proto::AcquireRequest {
-        resource,
-        holder: holder.to_owned(),
-        ttl_ms: ttl.as_millis() as u64,
-        request_id: String::new(),
-        wait_ms: wait.as_millis() as u64,
-    };
-    match tokio::time::timeout(timeout + wait, client.acquire(req)).await {
-        Err(_) => Err(format!("Acquire took longer than {timeout:?}")),
-        Ok(Err(status)) => Err(format!("Acquire: {}: {}", status.code(), status.message())),
-        Ok(Ok(r)) => match r.into_inner().outcome {
+    let mut caller = Caller::Unary(client.clone());
+    caller.acquire(resource, holder, ttl, wait, timeout).await
+}
+
+/// One unary Release with a timeout; `Ok(released)`.
+pub async fn release(client: &mut Client, lease: Held, timeout: Duration) -> Result<bool, String> {
+    Caller::Unary(client.clone()).release(lease, timeout).await
+}
+
+/// How a worker calls the server: unary RPCs, or its own Session stream.
+pub enum Caller {
+    /// One unary RPC per call.
+    Unary(Client),
+    /// Calls as messages on one Session stream, one at a time.
+    Session {
+        /// Requests go out through here.
+        tx: tokio::sync::mpsc::Sender<proto::SessionRequest>,
+        /// One response per request, in order.
+        rx: tonic::Streaming<proto::SessionResponse>,
+    },
+}
+
+impl Caller {
+    /// A caller on `client`'s connection: with `session`, it opens its
+    /// own Session stream.
+    pub async fn new(client: &Client, session: bool) -> Result<Caller, String> {
+        let mut client = client.clone();
+        if !session {
+            return Ok(Caller::Unary(client));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let rx = client
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("Session: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok(Caller::Session { tx, rx })
+    }
+
+    /// One Acquire with a timeout: `Ok(Some)` granted, `Ok(None)` held by
+    /// someone else, `Err` failed.
+    pub async fn acquire(
+        &mut self,
+        resource: String,
+        holder: &str,
+        ttl: Duration,
+        wait: Duration,
+        timeout: Duration,
+    ) -> Result<Option<Held>, String> {
+        let req = proto::AcquireRequest {
+            resource,
+            holder: holder.to_owned(),
+            ttl_ms: ttl.as_millis() as u64,
+            request_id: String::new(),
+            wait_ms: wait.as_millis() as u64,
+        };
+        let reply = match self {
+            Caller::Unary(client) => timed("Acquire", timeout + wait, client.acquire(req)).await,
+            Caller::Session { tx, rx } => {
+                match session_call(tx, rx, Call::Acquire(req), timeout + wait).await? {
+                    Answer::Acquire(r) => Ok(r),
+                    other => Err(unexpected("Acquire", other)),
+                }
+            }
+        }?;
+        match reply.outcome {
             Some(Outcome::Lease(l)) => Ok(Some(Held {
                 lease_id: l.lease_id,
                 token: l.token,
             })),
             Some(Outcome::Held(_)) => Ok(None),
             None => Err("Acquire answered with neither a lease nor a holder".into()),
-        },
+        }
+    }
+
+    /// One Release with a timeout; `Ok(released)`.
+    pub async fn release(&mut self, lease: Held, timeout: Duration) -> Result<bool, String> {
+        let req = proto::ReleaseRequest {
+            lease_id: lease.lease_id,
+            token: lease.token,
+        };
+        let reply = match self {
+            Caller::Unary(client) => timed("Release", timeout, client.release(req)).await,
+            Caller::Session { tx, rx } => {
+                match session_call(tx, rx, Call::Release(req), timeout).await? {
+                    Answer::Release(r) => Ok(r),
+                    other => Err(unexpected("Release", other)),
+                }
+            }
+        }?;
+        Ok(reply.released)
     }
 }
 
-/// One Release with a timeout; `Ok(released)`.
-pub async fn release(client: &mut Client, lease: Held, timeout: Duration) -> Result<bool, String> {
-    let req = proto::ReleaseRequest {
-        lease_id: lease.lease_id,
-        token: lease.token,
+/// A unary call with a timeout, its status turned into the report's text.
+async fn timed<T>(
+    name: &str,
+    timeout: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(format!("{name} took longer than {timeout:?}")),
+        Ok(Err(status)) => Err(format!("{name}: {}: {}", status.code(), status.message())),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
+/// Sends one call on a session and reads its answer.
+async fn session_call(
+    tx: &tokio::sync::mpsc::Sender<proto::SessionRequest>,
+    rx: &mut tonic::Streaming<proto::SessionResponse>,
+    call: Call,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let exchange = async {
+        tx.send(proto::SessionRequest { call: Some(call) })
+            .await
+            .map_err(|_| "the session ended".to_owned())?;
+        match rx.message().await {
+            Ok(Some(proto::SessionResponse { result: Some(r) })) => Ok(r),
+            Ok(_) => Err("the session ended without an answer".to_owned()),
+            Err(s) => Err(format!("Session: {}: {}", s.code(), s.message())),
+        }
     };
-    match tokio::time::timeout(timeout, client.release(req)).await {
-        Err(_) => Err(format!("Release took longer than {timeout:?}")),
-        Ok(Err(status)) => Err(format!("Release: {}: {}", status.code(), status.message())),
-        Ok(Ok(r)) => Ok(r.into_inner().released),
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(format!("a session call took longer than {timeout:?}")),
+        Ok(r) => r,
+    }
+}
+
+/// The text for a session answer that is not the call's own result.
+fn unexpected(name: &str, answer: Answer) -> String {
+    match answer {
+        Answer::Error(e) => format!("{name}: {}: {}", tonic::Code::from(e.code), e.message),
+        _ => format!("{name} was answered with another call's result"),
     }
 }

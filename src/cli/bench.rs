@@ -62,6 +62,13 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    fn options_with(&self, session: bool) -> Options {
+        Options {
+            session,
+            ..self.options()
+        }
+    }
+
     fn options(&self) -> Options {
         Options {
             server: self.server.clone(),
@@ -73,6 +80,7 @@ impl CommonArgs {
             max_ops: self.max_ops,
             op_timeout: self.op_timeout,
             server_pid: self.server_pid,
+            session: false,
         }
     }
 }
@@ -85,6 +93,9 @@ pub enum Workload {
         /// A new resource every cycle instead of one per worker.
         #[arg(long)]
         fresh: bool,
+        /// Each worker calls over its own Session stream, not unary RPCs.
+        #[arg(long)]
+        session: bool,
         /// Options every workload shares.
         #[command(flatten)]
         common: CommonArgs,
@@ -97,6 +108,9 @@ pub enum Workload {
         /// How long each holder keeps the lease.
         #[arg(long, default_value = "0s", value_parser = super::parse_duration)]
         hold: Duration,
+        /// Each worker calls over its own Session stream, not unary RPCs.
+        #[arg(long)]
+        session: bool,
         /// Options every workload shares.
         #[command(flatten)]
         common: CommonArgs,
@@ -173,14 +187,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<i32> {
 async fn run_one(workload: Workload) -> anyhow::Result<(Report, bool)> {
     Ok(match workload {
         Workload::Guard { .. } => unreachable!("handled by run"),
-        Workload::Cycle { fresh, common } => (
-            bench::cycle::run(&common.options(), fresh).await?,
+        Workload::Cycle {
+            fresh,
+            session,
+            common,
+        } => (
+            bench::cycle::run(&common.options_with(session), fresh).await?,
             common.json,
         ),
-        Workload::Contended { wait, hold, common } => {
+        Workload::Contended {
+            wait,
+            hold,
+            session,
+            common,
+        } => {
             let c = ContendedOptions { wait, hold };
             (
-                bench::contended::run(&common.options(), &c).await?,
+                bench::contended::run(&common.options_with(session), &c).await?,
                 common.json,
             )
         }
