@@ -200,6 +200,16 @@ impl Client {
         self
     }
 
+    /// The settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// The generated gRPC client, for calls this library does not wrap.
+    pub fn rpc(&self) -> LeaseServiceClient<Channel> {
+        self.rpc.clone()
+    }
+
     /// Starts an acquire of `resource`; set options on the builder, then `.await` it.
     pub fn acquire(&self, resource: impl Into<String>) -> AcquireBuilder {
         AcquireBuilder {
@@ -270,7 +280,7 @@ impl Client {
 
 /// Whether a failed call may be retried: the coordinator did not refuse it,
 /// the transport failed (and idempotency keys make retrying safe).
-fn retryable(status: &Status) -> bool {
+pub(crate) fn retryable(status: &Status) -> bool {
     matches!(
         status.code(),
         Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
@@ -278,13 +288,13 @@ fn retryable(status: &Status) -> bool {
 }
 
 /// Exponential backoff with full jitter.
-struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
     max: Duration,
 }
 
 impl Backoff {
-    fn new(config: &ClientConfig) -> Self {
+    pub(crate) fn new(config: &ClientConfig) -> Self {
         Backoff {
             next: config.min_backoff,
             max: config.max_backoff,
@@ -292,7 +302,7 @@ impl Backoff {
     }
 
     /// Sleeps a jittered backoff; false (without sleeping) if that would pass `deadline`.
-    async fn sleep_before(&mut self, deadline: Instant) -> bool {
+    pub(crate) async fn sleep_before(&mut self, deadline: Instant) -> bool {
         let jittered = self.next.mul_f64(rand::rng().random_range(0.0..=1.0));
         self.next = (self.next * 2).min(self.max);
         if Instant::now() + jittered >= deadline {
@@ -304,7 +314,7 @@ impl Backoff {
 }
 
 /// `holder` default: `hostname:pid`.
-fn default_holder() -> String {
+pub(crate) fn default_holder() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned())

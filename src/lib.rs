@@ -79,6 +79,7 @@ pub mod idempotency;
 pub mod lease;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -32,6 +32,13 @@ async fn cycle_smoke() {
     let opts = options(&server, 8);
     assert_passed(&bench::cycle::run(&opts, false).await.unwrap());
     assert_passed(&bench::cycle::run(&opts, true).await.unwrap());
+    let session = Options {
+        session: true,
+        ..opts
+    };
+    let report = bench::cycle::run(&session, false).await.unwrap();
+    assert_eq!(report.workload, "cycle-session");
+    assert_passed(&report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,6 +47,16 @@ async fn contended_smoke() {
     let report = bench::contended::run(&options(&server, 8), &ContendedOptions::default())
         .await
         .unwrap();
+    assert_passed(&report);
+    assert_eq!(report.checks.len(), 2);
+    let session = Options {
+        session: true,
+        ..options(&server, 8)
+    };
+    let report = bench::contended::run(&session, &ContendedOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(report.workload, "contended-session");
     assert_passed(&report);
     assert_eq!(report.checks.len(), 2);
 }

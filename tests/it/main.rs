@@ -14,4 +14,5 @@ mod fenced_store;
 mod guard_crash;
 mod kleppmann;
 mod model;
+mod session;
 mod tls;
