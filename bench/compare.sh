@@ -114,6 +114,11 @@ LH=(--server "http://127.0.0.1:$LH_PORT")
 # (O_DSYNC write of the log) before it is answered, as etcd and ZooKeeper do.
 run "leasehold cycle" "$LEASEHOLD" bench cycle "${LH[@]}" "${COMMON[@]}"
 run "leasehold contended" "$LEASEHOLD" bench contended "${LH[@]}" "${COMMON[@]}"
+# The same calls as messages on one Session stream per worker (what the
+# client library's Session does); ZooKeeper's client likewise pipelines
+# every call of a session over one connection.
+run "leasehold cycle --session" "$LEASEHOLD" bench cycle --session "${LH[@]}" "${COMMON[@]}"
+run "leasehold contended --session" "$LEASEHOLD" bench contended --session "${LH[@]}" "${COMMON[@]}"
 stop_pid "$SERVER_PID"
 
 # ---- etcd ------------------------------------------------------------------

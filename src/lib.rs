@@ -14,6 +14,7 @@
 //! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
 //! - [`client`]: the worker's library: acquire, keepalive, safe retries.
+//! - [`session`]: many short leases over one stream, for high-rate workers.
 //! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
 //!   [`fenced_kv`]: a small fenced key-value service built from them.
 //! - [`bench`](mod@bench): `leasehold bench`, bounded load generators with checks.

@@ -526,23 +526,40 @@ fn table(file: &std::path::Path) -> anyhow::Result<()> {
         _ => "—".to_owned(),
     };
     // An empty workload name leaves that column blank.
-    let rows: [(&str, &str, &str, &str); 4] = [
-        ("lock cycle on a free name", "cycle", "cycle", "cycle"),
+    let rows: [(&str, &str, &str, &str); 6] = [
         (
-            "lock cycle, new lease every cycle",
+            "lock cycle on a free name (Leasehold: unary calls)",
+            "cycle",
+            "cycle",
+            "cycle",
+        ),
+        (
+            "lock cycle on a free name (Leasehold: Session stream)",
+            "cycle-session",
+            "cycle",
+            "cycle",
+        ),
+        (
+            "lock cycle, new lease every cycle (Leasehold: unary)",
             "cycle",
             "cycle-lease",
             "cycle",
         ),
         (
-            "cycle, ZooKeeper create + delete only (not a lock: no ownership check)",
-            "cycle",
+            "cycle, ZooKeeper create + delete only (not a lock: no ownership check; Leasehold: Session)",
+            "cycle-session",
             "",
             "cycle-bare",
         ),
         (
-            "contended: handoffs on one name",
+            "contended: handoffs on one name (Leasehold: unary)",
             "contended",
+            "contended",
+            "contended",
+        ),
+        (
+            "contended: handoffs on one name (Leasehold: Session)",
+            "contended-session",
             "contended",
             "contended",
         ),
