@@ -28,7 +28,7 @@ use parking_lot::Mutex;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    acquire, join_bounded, run_tag, usage_at_window_start_arc, BenchError, Check, Options, Report,
+    join_bounded, run_tag, usage_at_window_start_arc, BenchError, Caller, Check, Options, Report,
     Tally, Window,
 };
 use crate::proto;
@@ -91,7 +91,7 @@ pub async fn run(opts: &Options, k: &KeepaliveOptions) -> Result<Report, BenchEr
     let next = Arc::new(AtomicU64::new(0));
     let mut setup = Vec::new();
     for w in 0..SETUP_WORKERS {
-        let mut client = clients[w % clients.len()].clone();
+        let mut caller = Caller::Unary(clients[w % clients.len()].clone());
         let (next, shares, opts, prefix) =
             (next.clone(), shares.clone(), opts.clone(), prefix.clone());
         let count = k.leases;
@@ -103,15 +103,15 @@ pub async fn run(opts: &Options, k: &KeepaliveOptions) -> Result<Report, BenchEr
                     return tally;
                 }
                 let asked = Instant::now();
-                match acquire(
-                    &mut client,
-                    format!("{prefix}/{i}"),
-                    "bench",
-                    opts.ttl,
-                    Duration::ZERO,
-                    opts.op_timeout,
-                )
-                .await
+                match caller
+                    .acquire(
+                        format!("{prefix}/{i}"),
+                        "bench",
+                        opts.ttl,
+                        Duration::ZERO,
+                        opts.op_timeout,
+                    )
+                    .await
                 {
                     Ok(Some(l)) => shares[i % shares.len()].lock().push(Kept {
                         lease_id: l.lease_id,

@@ -237,24 +237,6 @@ pub struct Held {
     pub token: u64,
 }
 
-/// One unary Acquire with a timeout (see [`Caller::acquire`]).
-pub async fn acquire(
-    client: &mut Client,
-    resource: String,
-    holder: &str,
-    ttl: Duration,
-    wait: Duration,
-    timeout: Duration,
-) -> Result<Option<Held>, String> {
-    let mut caller = Caller::Unary(client.clone());
-    caller.acquire(resource, holder, ttl, wait, timeout).await
-}
-
-/// One unary Release with a timeout; `Ok(released)`.
-pub async fn release(client: &mut Client, lease: Held, timeout: Duration) -> Result<bool, String> {
-    Caller::Unary(client.clone()).release(lease, timeout).await
-}
-
 /// How a worker calls the server: unary RPCs, or its own Session stream.
 pub enum Caller {
     /// One unary RPC per call.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    acquire, join_bounded, run_tag, BenchError, Check, Client, Held, Options, Report, Tally, Window,
+    join_bounded, run_tag, BenchError, Caller, Check, Client, Held, Options, Report, Tally, Window,
 };
 use crate::proto;
 
@@ -29,7 +29,7 @@ pub async fn take_leases(
     let next = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for w in 0..workers.max(1) {
-        let mut client = clients[w % clients.len()].clone();
+        let mut caller = Caller::Unary(clients[w % clients.len()].clone());
         let (next, window, opts) = (next.clone(), window.clone(), opts.clone());
         let prefix = prefix.to_owned();
         handles.push(tokio::spawn(async move {
@@ -41,15 +41,15 @@ pub async fn take_leases(
                     break;
                 }
                 let t0 = Instant::now();
-                match acquire(
-                    &mut client,
-                    format!("{prefix}/{i}"),
-                    "bench",
-                    opts.ttl,
-                    Duration::ZERO,
-                    opts.op_timeout,
-                )
-                .await
+                match caller
+                    .acquire(
+                        format!("{prefix}/{i}"),
+                        "bench",
+                        opts.ttl,
+                        Duration::ZERO,
+                        opts.op_timeout,
+                    )
+                    .await
                 {
                     Ok(Some(l)) => {
                         window.record(&mut tally, t0, Instant::now());
