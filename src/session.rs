@@ -105,6 +105,7 @@ impl Grant {
 /// One stream of calls; see the module docs.
 pub struct Session {
     client: Client,
+    holder: String,
     stream: Option<Stream>,
 }
 
@@ -118,6 +119,7 @@ impl Client {
     pub async fn session(&self) -> Result<Session, ClientError> {
         let mut session = Session {
             client: self.clone(),
+            holder: default_holder(),
             stream: None,
         };
         let stream = session.open().await.map_err(ClientError::Unreachable)?;
@@ -127,8 +129,14 @@ impl Client {
 }
 
 impl Session {
+    /// Names the holder in this session's acquires (default: host:pid).
+    pub fn holder(mut self, holder: impl Into<String>) -> Self {
+        self.holder = holder.into();
+        self
+    }
+
     /// Acquires `resource` for `ttl`, waiting up to `wait` in line if it is
-    /// held. The holder name is this host and process.
+    /// held.
     pub async fn acquire(
         &mut self,
         resource: impl Into<String>,
@@ -139,7 +147,7 @@ impl Session {
         let mut id = [0u8; 16];
         rand::rng().fill(&mut id);
         let margin = ttl.mul_f64(self.client.config().safety_margin);
-        let holder = default_holder();
+        let holder = self.holder.clone();
         // Each attempt waits only for what is left of `wait`.
         let (answer, sent_at) = self
             .call(wait, |left| {

@@ -9,8 +9,10 @@
 //! this example in `target/*/`), the fenced store (`examples/fenced_store`)
 //! and `--workers` copies of itself in worker mode, each looping acquire →
 //! one or two fenced writes → release on `--resources` resources, with random
-//! TTLs (300 ms–1.5 s), waits and think times. Workers reach the coordinator
-//! through a loopback proxy that can cut every link.
+//! TTLs (300 ms–1.5 s), waits and think times. Even workers hold
+//! keepalive-backed `Lease`s, odd ones take `Grant`s over a `Session`
+//! stream. Workers reach the coordinator through a loopback proxy that can
+//! cut every link.
 //!
 //! Every 1–3 s the harness injects a fault, drawn at random (each kind once
 //! per round, worker pauses twice, in a shuffled order) and logged to
@@ -95,6 +97,9 @@ struct Args {
     /// Worker mode: the history file.
     #[arg(long, hide = true)]
     history: Option<PathBuf>,
+    /// Worker mode: take leases over a Session stream (odd workers do).
+    #[arg(long, hide = true)]
+    session: bool,
 }
 
 #[tokio::main]
@@ -118,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
                 .until_unix_ms
                 .context("--worker needs --until-unix-ms")?,
             history: args.history.context("--worker needs --history")?,
+            session: args.session,
         })
         .await;
     }
@@ -569,6 +575,8 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             .args(["--seed", &run.seed.to_string()])
             .args(["--until-unix-ms", &(until_ns / 1_000_000).to_string()])
             .args(["--history", &path(&format!("history/worker-{id}.jsonl"))])
+            // Odd workers take their leases over a Session stream.
+            .args((id % 2 == 1).then_some("--session"))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -5,6 +5,11 @@
 //! Between checking its lease and writing, the worker "thinks" for a random
 //! while: that is where the harness's SIGSTOP (a GC pause) does harm, and
 //! where the store's fencing check must catch the late write.
+//!
+//! A worker started with `--session` takes its leases over one
+//! [`Session`] stream instead (no keepalive: it writes only while the
+//! grant's conservative validity lasts), so both client paths face the
+//! same faults.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -12,8 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use leasehold::client::{AcquireError, Client, LeaseHandle, LostReason};
+use leasehold::client::{AcquireError, Client, ClientError, Lease, LeaseHandle, LostReason};
 use leasehold::proto::{fenced_kv_client::FencedKvClient, PutRequest};
+use leasehold::session::{Grant, Session};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,6 +45,92 @@ pub struct WorkerArgs {
     pub until_unix_ms: u64,
     /// The history file to append to.
     pub history: PathBuf,
+    /// Take leases over a Session stream instead of keepalive-backed leases.
+    pub session: bool,
+}
+
+/// How a worker talks to the coordinator.
+enum Coordinator {
+    Leases(Client),
+    /// Opened on first use, so a coordinator that is down at the start is
+    /// just a failed acquire.
+    Session(Client, Option<Box<Session>>),
+}
+
+/// A lease while the worker holds it.
+enum Held {
+    /// A keepalive-backed lease, and the task recording its loss.
+    Lease(Lease, tokio::task::JoinHandle<()>),
+    Grant(Grant),
+}
+
+impl Held {
+    fn token(&self) -> u64 {
+        match self {
+            Held::Lease(l, _) => l.token(),
+            Held::Grant(g) => g.token(),
+        }
+    }
+
+    fn valid_for(&self) -> Duration {
+        match self {
+            Held::Lease(l, _) => l.valid_for(),
+            Held::Grant(g) => g.valid_for(),
+        }
+    }
+
+    fn attach<T>(&self, req: &mut tonic::Request<T>) {
+        let attached = match self {
+            Held::Lease(l, _) => l.attach(req),
+            Held::Grant(g) => g.fence().and_then(|f| f.attach_to(req)),
+        };
+        attached.expect("a valid fence");
+    }
+}
+
+/// What an acquire gave, before the worker starts watching it.
+enum Got {
+    Lease(Lease),
+    Grant(Grant),
+}
+
+impl Coordinator {
+    async fn acquire(
+        &mut self,
+        resource: &str,
+        ttl: Duration,
+        wait: Duration,
+        holder: String,
+    ) -> Result<Got, AcquireError> {
+        match self {
+            Coordinator::Leases(client) => client
+                .acquire(resource)
+                .ttl(ttl)
+                .wait(wait)
+                .holder(holder)
+                .await
+                .map(Got::Lease),
+            Coordinator::Session(client, session) => {
+                let s = match session {
+                    Some(s) => s,
+                    None => session.insert(Box::new(client.session().await?.holder(holder))),
+                };
+                s.acquire(resource, ttl, wait).await.map(Got::Grant)
+            }
+        }
+    }
+
+    async fn release(&mut self, held: Held) -> Result<bool, ClientError> {
+        match (held, self) {
+            (Held::Lease(lease, watcher), _) => {
+                let result = lease.release().await;
+                let _ = watcher.await;
+                result
+            }
+            (Held::Grant(grant), Coordinator::Session(_, Some(s))) => s.release(grant).await,
+            (Held::Grant(_), _) => unreachable!("a grant comes from the session"),
+        }
+    }
 }
 
 /// CLOCK_REALTIME in nanoseconds: the clock every process shares.
@@ -77,6 +169,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         file: Arc::new(Mutex::new(file)),
     };
     let client = Client::connect(args.coordinator.clone())?;
+    let mut coordinator = match args.session {
+        true => Coordinator::Session(client, None),
+        false => Coordinator::Leases(client),
+    };
     let channel = Endpoint::from_shared(args.store.clone())
         .with_context(|| format!("bad store URL {}", args.store))?
         .connect_timeout(Duration::from_secs(1))
@@ -92,7 +188,15 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             if now_ns() >= until_ns {
                 break;
             }
-            one_cycle(&args, cycle, &client, store.clone(), &rec, &mut rng).await;
+            one_cycle(
+                &args,
+                cycle,
+                &mut coordinator,
+                store.clone(),
+                &rec,
+                &mut rng,
+            )
+            .await;
         }
     };
     if tokio::time::timeout(hard_stop, looping).await.is_err() {
@@ -104,7 +208,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 async fn one_cycle(
     args: &WorkerArgs,
     cycle: u64,
-    client: &Client,
+    coordinator: &mut Coordinator,
     mut store: FencedKvClient<Channel>,
     rec: &Recorder,
     rng: &mut StdRng,
@@ -127,24 +231,31 @@ async fn one_cycle(
     };
 
     let start = now_ns();
-    let acquired = client
-        .acquire(resource.clone())
-        .ttl(ttl)
-        .wait(wait)
-        .holder(format!("w{}", args.id))
+    let acquired = coordinator
+        .acquire(&resource, ttl, wait, format!("w{}", args.id))
         .await;
     let lease = match acquired {
-        Ok(lease) => {
+        Ok(got) => {
+            let token = match &got {
+                Got::Lease(l) => l.token(),
+                Got::Grant(g) => g.token(),
+            };
             rec.record(&Op {
                 detail: Some(format!("ttl {} ms", ttl.as_millis())),
-                ..op(
-                    OpKind::Acquire,
-                    Some(lease.token()),
-                    start,
-                    Outcome::Granted,
-                )
+                ..op(OpKind::Acquire, Some(token), start, Outcome::Granted)
             });
-            lease
+            match got {
+                Got::Lease(l) => {
+                    let watcher = tokio::spawn(watch_loss(
+                        l.handle(),
+                        rec.clone(),
+                        args.id,
+                        resource.clone(),
+                    ));
+                    Held::Lease(l, watcher)
+                }
+                Got::Grant(g) => Held::Grant(g),
+            }
         }
         Err(AcquireError::Held { token, .. }) => {
             rec.record(&Op {
@@ -164,12 +275,6 @@ async fn one_cycle(
         }
     };
     let token = lease.token();
-    let watcher = tokio::spawn(watch_loss(
-        lease.handle(),
-        rec.clone(),
-        args.id,
-        resource.clone(),
-    ));
 
     for i in 0..rng.random_range(1..=2u32) {
         // Check, think, write: a pause after the check makes the write late.
@@ -191,7 +296,7 @@ async fn one_cycle(
             key: key.clone(),
             value: format!("w{} cycle {cycle} token {token}", args.id).into_bytes(),
         });
-        lease.attach(&mut req).expect("a valid fence");
+        lease.attach(&mut req);
         let start = now_ns();
         let put = tokio::time::timeout(Duration::from_secs(3), store.put(req)).await;
         let (result, highest, detail) = match put {
@@ -226,7 +331,7 @@ async fn one_cycle(
     }
 
     let start = now_ns();
-    let released = lease.release().await;
+    let released = coordinator.release(lease).await;
     let (result, detail) = match released {
         Ok(true) => (Outcome::Released, None),
         Ok(false) => (Outcome::NotHeld, None),
@@ -236,7 +341,6 @@ async fn one_cycle(
         detail,
         ..op(OpKind::Release, Some(token), start, result)
     });
-    let _ = watcher.await;
     tokio::time::sleep(Duration::from_millis(rng.random_range(0..=300))).await;
 }
 
