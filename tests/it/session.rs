@@ -222,3 +222,29 @@ async fn a_session_acquire_whose_answer_was_lost_yields_one_lease_and_one_token(
     assert_eq!(next.token, g.token() + 1);
     assert!(s.release(g).await.unwrap());
 }
+
+/// A message over `--max-message-bytes` cannot be read as a call: it ends
+/// the stream with RESOURCE_EXHAUSTED naming the limit, after the calls
+/// before it were answered, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_ends_the_session_with_resource_exhausted() {
+    let server = TestServer::start().await;
+    let mut c = server.client().await;
+    let mut s = Raw::open(&mut c).await;
+    s.send(Some(Call::Acquire(acquire_req("a", "w", 5000))))
+        .await;
+    let huge = "x".repeat(5 * 1024 * 1024);
+    s.send(Some(Call::Acquire(acquire_req("b", &huge, 5000))))
+        .await;
+    let a = lease_of(s.answer().await);
+    let next = tokio::time::timeout(Duration::from_secs(5), s.rx.message());
+    let status = next.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("limit"), "{status:?}");
+    assert!(describe(&mut c, "a").await.held);
+    assert!(!describe(&mut c, "b").await.held);
+    assert_eq!(
+        grant(&mut c, acquire_req("c", "w", 1000)).await.token,
+        a.token + 1
+    );
+}
