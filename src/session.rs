@@ -56,13 +56,27 @@ use crate::proto::{self, acquire_response::Outcome};
 
 /// A lease granted over a session: its identity, its token, and until when
 /// the holder may act on it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Grant {
     resource: String,
     lease_id: String,
     token: u64,
     ttl: Duration,
     valid_until: Instant,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The lease id is the proof of holding: logs get a prefix only.
+        let id: String = self.lease_id.chars().take(8).collect();
+        f.debug_struct("Grant")
+            .field("resource", &self.resource)
+            .field("lease_id", &format_args!("{id}…"))
+            .field("token", &self.token)
+            .field("ttl", &self.ttl)
+            .field("valid_for", &self.valid_for())
+            .finish()
+    }
 }
 
 impl Grant {
@@ -315,4 +329,38 @@ fn mismatch(call: &str, answer: Answer) -> Status {
     Status::internal(format!(
         "the coordinator answered {call} with {answer:?}; is it a compatible version?"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_grant_is_valid_from_its_send_time_less_the_margin_and_debug_hides_its_id() {
+        let sent_at = Instant::now();
+        let lease = proto::Lease {
+            resource: "r".into(),
+            lease_id: "0123456789abcdef0123456789abcdef".into(),
+            token: 7,
+            holder: "h".into(),
+            ttl_ms: 1000,
+            expires_in_ms: 1000,
+        };
+        let g = grant(lease, sent_at, Duration::from_millis(100));
+        assert!(g.valid_for() <= Duration::from_millis(900));
+        assert!(g.valid_for() > Duration::from_millis(800));
+        let shown = format!("{g:?}");
+        assert!(shown.contains("01234567…"), "{shown}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        let expired = grant_with_id(
+            proto::Lease {
+                expires_in_ms: 50,
+                ..proto::Lease::default()
+            },
+            "x".into(),
+            sent_at,
+            Duration::from_millis(100),
+        );
+        assert!(!expired.is_valid() && expired.valid_for().is_zero());
+    }
 }
