@@ -50,9 +50,11 @@ use tonic::{Code, Status, Streaming};
 
 use crate::client::{default_holder, retryable, AcquireError, Backoff, Client, ClientError};
 use crate::fencing::{Fence, FenceError};
+use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::session_request::Call;
 use crate::proto::session_response::Result as Answer;
 use crate::proto::{self, acquire_response::Outcome};
+use tonic::codegen::{Body, Bytes, StdError};
 
 /// A lease granted over a session: its identity, its token, and until when
 /// the holder may act on it.
@@ -120,12 +122,47 @@ impl Grant {
 pub struct Session {
     client: Client,
     holder: String,
-    stream: Option<Stream>,
+    stream: Option<Calls>,
 }
 
-struct Stream {
+/// One `Session` stream as a client sees it: send a call, read its answer.
+/// [`Session`] adds retries on new streams; `leasehold bench` drives it bare.
+pub struct Calls {
     tx: mpsc::Sender<proto::SessionRequest>,
     rx: Streaming<proto::SessionResponse>,
+}
+
+impl Calls {
+    /// Opens a Session stream on `rpc`'s connection.
+    pub async fn open<T>(rpc: &mut LeaseServiceClient<T>) -> Result<Calls, Status>
+    where
+        T: tonic::client::GrpcService<tonic::body::Body>,
+        T::Error: Into<StdError>,
+        T::ResponseBody: Body<Data = Bytes> + Send + 'static,
+        <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+    {
+        // One request in flight at a time: no buffer beyond it.
+        let (tx, rx) = mpsc::channel(1);
+        let rx = rpc.session(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Calls { tx, rx })
+    }
+
+    /// Sends `call` and reads its answer. A call the server refused is an
+    /// answer too ([`Answer::Error`]): the stream is fine. `Err` means the
+    /// stream is not (closed, broken, or ended with a status).
+    pub async fn call(&mut self, call: Call) -> Result<Answer, Status> {
+        self.tx
+            .send(proto::SessionRequest { call: Some(call) })
+            .await
+            .map_err(|_| Status::unavailable("the session stream closed"))?;
+        match self.rx.message().await? {
+            Some(proto::SessionResponse { result: Some(r) }) => Ok(r),
+            Some(_) => Err(Status::internal(
+                "the coordinator sent an empty session answer",
+            )),
+            None => Err(Status::unavailable("the session stream ended")),
+        }
+    }
 }
 
 impl Client {
@@ -275,34 +312,17 @@ impl Session {
         if self.stream.is_none() {
             self.stream = Some(self.open().await?);
         }
-        let Some(stream) = self.stream.as_mut() else {
-            return Err(Status::unavailable("the session stream is closed"));
-        };
-        stream
-            .tx
-            .send(proto::SessionRequest { call: Some(call) })
-            .await
-            .map_err(|_| Status::unavailable("the session stream closed"))?;
-        match stream.rx.message().await? {
-            Some(proto::SessionResponse { result: Some(r) }) => Ok(r),
-            Some(_) => Err(Status::internal(
-                "the coordinator sent an empty session answer",
-            )),
-            None => Err(Status::unavailable("the session stream ended")),
+        match self.stream.as_mut() {
+            Some(stream) => stream.call(call).await,
+            None => Err(Status::unavailable("the session stream is closed")),
         }
     }
 
-    async fn open(&self) -> Result<Stream, Status> {
-        let (tx, rx) = mpsc::channel(1);
+    async fn open(&self) -> Result<Calls, Status> {
         let mut rpc = self.client.rpc();
-        let rx = tokio::time::timeout(
-            self.client.config().attempt_timeout,
-            rpc.session(ReceiverStream::new(rx)),
-        )
-        .await
-        .map_err(|_| Status::deadline_exceeded("opening the session timed out"))??
-        .into_inner();
-        Ok(Stream { tx, rx })
+        tokio::time::timeout(self.client.config().attempt_timeout, Calls::open(&mut rpc))
+            .await
+            .map_err(|_| Status::deadline_exceeded("opening the session timed out"))?
     }
 }
 

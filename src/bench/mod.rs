@@ -45,6 +45,7 @@ use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::session_request::Call;
 use crate::proto::session_response::Result as Answer;
 use crate::proto::{self, acquire_response::Outcome};
+use crate::session::Calls;
 pub use report::{
     join_bounded, tokens_unique, usage_at_window_start_arc, Check, Contention, Histogram, Report,
     ServerUsage, Tally, Window,
@@ -242,12 +243,7 @@ pub enum Caller {
     /// One unary RPC per call.
     Unary(Client),
     /// Calls as messages on one Session stream, one at a time.
-    Session {
-        /// Requests go out through here.
-        tx: tokio::sync::mpsc::Sender<proto::SessionRequest>,
-        /// One response per request, in order.
-        rx: tonic::Streaming<proto::SessionResponse>,
-    },
+    Session(Calls),
 }
 
 impl Caller {
@@ -258,13 +254,10 @@ impl Caller {
         if !session {
             return Ok(Caller::Unary(client));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let rx = client
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let calls = Calls::open(&mut client)
             .await
-            .map_err(|s| format!("Session: {}: {}", s.code(), s.message()))?
-            .into_inner();
-        Ok(Caller::Session { tx, rx })
+            .map_err(|s| format!("Session: {}: {}", s.code(), s.message()))?;
+        Ok(Caller::Session(calls))
     }
 
     /// One Acquire with a timeout: `Ok(Some)` granted, `Ok(None)` held by
@@ -286,8 +279,8 @@ impl Caller {
         };
         let reply = match self {
             Caller::Unary(client) => timed("Acquire", timeout + wait, client.acquire(req)).await,
-            Caller::Session { tx, rx } => {
-                match session_call(tx, rx, Call::Acquire(req), timeout + wait).await? {
+            Caller::Session(calls) => {
+                match session_call(calls, Call::Acquire(req), timeout + wait).await? {
                     Answer::Acquire(r) => Ok(r),
                     other => Err(unexpected("Acquire", other)),
                 }
@@ -311,8 +304,8 @@ impl Caller {
         };
         let reply = match self {
             Caller::Unary(client) => timed("Release", timeout, client.release(req)).await,
-            Caller::Session { tx, rx } => {
-                match session_call(tx, rx, Call::Release(req), timeout).await? {
+            Caller::Session(calls) => {
+                match session_call(calls, Call::Release(req), timeout).await? {
                     Answer::Release(r) => Ok(r),
                     other => Err(unexpected("Release", other)),
                 }
@@ -335,26 +328,13 @@ async fn timed<T>(
     }
 }
 
-/// Sends one call on a session and reads its answer.
-async fn session_call(
-    tx: &tokio::sync::mpsc::Sender<proto::SessionRequest>,
-    rx: &mut tonic::Streaming<proto::SessionResponse>,
-    call: Call,
-    timeout: Duration,
-) -> Result<Answer, String> {
-    let exchange = async {
-        tx.send(proto::SessionRequest { call: Some(call) })
-            .await
-            .map_err(|_| "the session ended".to_owned())?;
-        match rx.message().await {
-            Ok(Some(proto::SessionResponse { result: Some(r) })) => Ok(r),
-            Ok(_) => Err("the session ended without an answer".to_owned()),
-            Err(s) => Err(format!("Session: {}: {}", s.code(), s.message())),
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
+/// One call on a session with a timeout, its failure turned into the
+/// report's text.
+async fn session_call(calls: &mut Calls, call: Call, timeout: Duration) -> Result<Answer, String> {
+    match tokio::time::timeout(timeout, calls.call(call)).await {
         Err(_) => Err(format!("a session call took longer than {timeout:?}")),
-        Ok(r) => r,
+        Ok(Err(s)) => Err(format!("Session: {}: {}", s.code(), s.message())),
+        Ok(Ok(answer)) => Ok(answer),
     }
 }
 
