@@ -20,7 +20,7 @@
 //! stime over the measured window, in cores); without a pid it is not shown.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,8 @@ use parking_lot::Mutex;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::{
-    join_bounded, run_tag, usage_at_window_start_arc, BenchError, Caller, Check, Options, Report,
-    Tally, Window,
+    join_bounded, run_tag, usage_at_window_start_arc, BenchError, Check, Options, Report, Tally,
+    Window,
 };
 use crate::proto;
 
@@ -88,47 +88,23 @@ pub async fn run(opts: &Options, k: &KeepaliveOptions) -> Result<Report, BenchEr
 
     // Setup: take the leases, dealing them to the streams as they come.
     let setup_started = Instant::now();
-    let next = Arc::new(AtomicU64::new(0));
-    let mut setup = Vec::new();
-    for w in 0..SETUP_WORKERS {
-        let mut caller = Caller::Unary(clients[w % clients.len()].clone());
-        let (next, shares, opts, prefix) =
-            (next.clone(), shares.clone(), opts.clone(), prefix.clone());
-        let count = k.leases;
-        setup.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= count || setup_started.elapsed() > SETUP_LIMIT {
-                    return tally;
-                }
-                let asked = Instant::now();
-                match caller
-                    .acquire(
-                        format!("{prefix}/{i}"),
-                        "bench",
-                        opts.ttl,
-                        Duration::ZERO,
-                        opts.op_timeout,
-                    )
-                    .await
-                {
-                    Ok(Some(l)) => shares[i % shares.len()].lock().push(Kept {
-                        lease_id: l.lease_id,
-                        token: l.token,
-                        asked,
-                    }),
-                    Ok(None) => tally.error(format!("{prefix}/{i} was already held")),
-                    Err(e) => tally.error(e),
-                }
-            }
-        }));
-    }
-    let (parts, mut setup_tally) =
-        join_bounded(setup, setup_started + SETUP_LIMIT + opts.op_timeout).await;
-    for t in &parts {
-        setup_tally.merge(t);
-    }
+    let deal = shares.clone();
+    let setup_tally = super::scale::take_leases(
+        &clients,
+        &prefix,
+        k.leases,
+        SETUP_WORKERS,
+        opts,
+        setup_started + SETUP_LIMIT,
+        move |_, i, l, asked| {
+            deal[i % deal.len()].lock().push(Kept {
+                lease_id: l.lease_id,
+                token: l.token,
+                asked,
+            })
+        },
+    )
+    .await;
     let setup_took = setup_started.elapsed();
     let held: usize = shares.iter().map(|s| s.lock().len()).sum();
     if setup_tally.errors > 0 || held < k.leases {

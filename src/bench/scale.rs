@@ -16,31 +16,38 @@ use super::{
 };
 use crate::proto;
 
-/// Takes `count` leases named `{prefix}/{i}` with `workers` concurrent
-/// workers; returns them (in name order) and the tally of the grants.
-pub async fn take_leases(
+/// Takes the leases `{prefix}/0` .. `{prefix}/{count - 1}` with `workers`
+/// concurrent unary callers, starting none after `stop`. Each grant, as it
+/// comes, goes to `granted(tally, i, lease, asked)` with the worker's own
+/// tally and the time its Acquire was sent. Returns every worker's tally
+/// (refusals and failures counted as errors). Used by `fill` and by the
+/// keepalive workload's setup.
+pub async fn take_leases<F>(
     clients: &[Client],
     prefix: &str,
     count: usize,
     workers: usize,
     opts: &Options,
-    window: Arc<Window>,
-) -> (Vec<Option<Held>>, Tally) {
+    stop: Instant,
+    granted: F,
+) -> Tally
+where
+    F: Fn(&mut Tally, usize, Held, Instant) + Clone + Send + 'static,
+{
     let next = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for w in 0..workers.max(1) {
         let mut caller = Caller::Unary(clients[w % clients.len()].clone());
-        let (next, window, opts) = (next.clone(), window.clone(), opts.clone());
+        let (next, opts, granted) = (next.clone(), opts.clone(), granted.clone());
         let prefix = prefix.to_owned();
         handles.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            let mut got = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                if i >= count || Instant::now() > window.to {
-                    break;
+                if i >= count || Instant::now() > stop {
+                    return tally;
                 }
-                let t0 = Instant::now();
+                let asked = Instant::now();
                 match caller
                     .acquire(
                         format!("{prefix}/{i}"),
@@ -51,27 +58,19 @@ pub async fn take_leases(
                     )
                     .await
                 {
-                    Ok(Some(l)) => {
-                        window.record(&mut tally, t0, Instant::now());
-                        got.push((i, l));
-                    }
+                    Ok(Some(l)) => granted(&mut tally, i, l, asked),
                     Ok(None) => tally.error(format!("{prefix}/{i} was already held")),
                     Err(e) => tally.error(e),
                 }
             }
-            (got, tally)
         }));
     }
-    let deadline = window.to + opts.op_timeout + Duration::from_secs(2);
+    let deadline = stop + opts.op_timeout + Duration::from_secs(2);
     let (parts, mut tally) = join_bounded(handles, deadline).await;
-    let mut leases: Vec<Option<Held>> = vec![None; count];
-    for (got, t) in parts {
-        tally.merge(&t);
-        for (i, l) in got {
-            leases[i] = Some(l);
-        }
+    for t in &parts {
+        tally.merge(t);
     }
-    (leases, tally)
+    tally
 }
 
 /// What `fill` did: its report, and where the leases are.
@@ -91,17 +90,23 @@ pub async fn fill(opts: &Options, count: usize) -> Result<Filled, BenchError> {
     let window = Arc::new(Window::new(Duration::ZERO, opts.duration, u64::MAX));
     let usage = super::ServerUsage::start(opts.server_pid);
     let started = Instant::now();
-    let (leases, tally) = take_leases(
+    let held = Arc::new(AtomicU64::new(0));
+    let counted = held.clone();
+    let tally = take_leases(
         &clients,
         &prefix,
         count,
         opts.concurrency,
         opts,
-        window.clone(),
+        window.to,
+        move |tally, _, _, asked| {
+            window.record(tally, asked, Instant::now());
+            counted.fetch_add(1, Ordering::Relaxed);
+        },
     )
     .await;
     let took = started.elapsed();
-    let held = leases.iter().filter(|l| l.is_some()).count();
+    let held = held.load(Ordering::Relaxed) as usize;
     let mut report = Report::new(
         "leasehold",
         "fill",
