@@ -59,8 +59,9 @@ enum Coordinator {
 
 /// A lease while the worker holds it.
 enum Held {
-    /// A keepalive-backed lease, and the task recording its loss.
-    Lease(Lease, tokio::task::JoinHandle<()>),
+    /// A keepalive-backed lease, and the task recording its loss (started
+    /// once the grant is recorded).
+    Lease(Lease, Option<tokio::task::JoinHandle<()>>),
     Grant(Grant),
 }
 
@@ -88,12 +89,6 @@ impl Held {
     }
 }
 
-/// What an acquire gave, before the worker starts watching it.
-enum Got {
-    Lease(Lease),
-    Grant(Grant),
-}
-
 impl Coordinator {
     async fn acquire(
         &mut self,
@@ -101,7 +96,7 @@ impl Coordinator {
         ttl: Duration,
         wait: Duration,
         holder: String,
-    ) -> Result<Got, AcquireError> {
+    ) -> Result<Held, AcquireError> {
         match self {
             Coordinator::Leases(client) => client
                 .acquire(resource)
@@ -109,13 +104,13 @@ impl Coordinator {
                 .wait(wait)
                 .holder(holder)
                 .await
-                .map(Got::Lease),
+                .map(|l| Held::Lease(l, None)),
             Coordinator::Session(client, session) => {
                 let s = match session {
                     Some(s) => s,
                     None => session.insert(Box::new(client.session().await?.holder(holder))),
                 };
-                s.acquire(resource, ttl, wait).await.map(Got::Grant)
+                s.acquire(resource, ttl, wait).await.map(Held::Grant)
             }
         }
     }
@@ -124,7 +119,9 @@ impl Coordinator {
         match (held, self) {
             (Held::Lease(lease, watcher), _) => {
                 let result = lease.release().await;
-                let _ = watcher.await;
+                if let Some(watcher) = watcher {
+                    let _ = watcher.await;
+                }
                 result
             }
             (Held::Grant(grant), Coordinator::Session(_, Some(s))) => s.release(grant).await,
@@ -235,27 +232,20 @@ async fn one_cycle(
         .acquire(&resource, ttl, wait, format!("w{}", args.id))
         .await;
     let lease = match acquired {
-        Ok(got) => {
-            let token = match &got {
-                Got::Lease(l) => l.token(),
-                Got::Grant(g) => g.token(),
-            };
+        Ok(mut held) => {
             rec.record(&Op {
                 detail: Some(format!("ttl {} ms", ttl.as_millis())),
-                ..op(OpKind::Acquire, Some(token), start, Outcome::Granted)
+                ..op(OpKind::Acquire, Some(held.token()), start, Outcome::Granted)
             });
-            match got {
-                Got::Lease(l) => {
-                    let watcher = tokio::spawn(watch_loss(
-                        l.handle(),
-                        rec.clone(),
-                        args.id,
-                        resource.clone(),
-                    ));
-                    Held::Lease(l, watcher)
-                }
-                Got::Grant(g) => Held::Grant(g),
+            if let Held::Lease(l, watcher) = &mut held {
+                *watcher = Some(tokio::spawn(watch_loss(
+                    l.handle(),
+                    rec.clone(),
+                    args.id,
+                    resource.clone(),
+                )));
             }
+            held
         }
         Err(AcquireError::Held { token, .. }) => {
             rec.record(&Op {
