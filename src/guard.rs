@@ -203,6 +203,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -365,7 +366,7 @@ struct FlusherInner {
     tx: Mutex<Option<mpsc::Sender<Waiter>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// `flush()` calls made so far.
-    flushes: Arc<std::sync::atomic::AtomicU64>,
+    flushes: Arc<AtomicU64>,
 }
 
 impl Drop for FlusherInner {
@@ -412,7 +413,7 @@ impl GroupFlusher {
     /// Starts the flusher thread for `db`.
     pub fn start(db: sled::Db) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
-        let flushes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let flushes = Arc::new(AtomicU64::new(0));
         let counter = flushes.clone();
         let thread = std::thread::Builder::new()
             .name("leasehold-flush".into())
@@ -463,7 +464,7 @@ impl GroupFlusher {
     }
 }
 
-fn run_flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>, flushes: &std::sync::atomic::AtomicU64) {
+fn run_flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
