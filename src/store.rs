@@ -499,13 +499,21 @@ impl Store {
         if self.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Closed);
         }
-        let ops = self.plan(changes)?;
+        let forget_trims = |e| {
+            // `plan` already moved the history lists on as if the batch were
+            // written; it was not, so they must be learnt again from the table.
+            self.trims.lock().clear();
+            e
+        };
+        let ops = self.plan(changes).map_err(forget_trims)?;
         if ops.is_empty() {
             return Ok(());
         }
         let shared = &self.shared;
         let mut wal = shared.wal.lock();
-        wal.append(&ops).map_err(shared.wal_err("appending to"))?;
+        wal.append(&ops)
+            .map_err(shared.wal_err("appending to"))
+            .map_err(forget_trims)?;
         // Durable from here on.
         let mut pending = shared.pending.lock();
         for op in ops {
@@ -627,9 +635,7 @@ impl Store {
         let Some(tokens) = trims.get_mut(resource) else {
             return Ok(Vec::new());
         };
-        if tokens.back() != Some(&token.0) {
-            tokens.push_back(token.0);
-        }
+        tokens.push_back(token.0);
         let mut old = Vec::new();
         while tokens.len() > keep {
             if let Some(t) = tokens.pop_front() {
