@@ -186,14 +186,6 @@ async fn renew_and_release_need_the_right_token() {
     assert!(!describe(&mut c, "r").await.held);
 }
 
-async fn wait_for_waiters(c: &mut Client, resource: &str, n: u32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while describe(c, resource).await.waiters != n {
-        assert!(Instant::now() < deadline, "never saw {n} waiters");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_are_served_first_come_first_served() {
     let server = TestServer::start().await;

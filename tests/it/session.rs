@@ -1,7 +1,7 @@
 //! The Session stream: on the wire, and through the client library.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use leasehold::client::{AcquireError, Client, ClientError};
 use leasehold::proto::{self, session_request::Call, session_response::Result as Answer};
@@ -124,19 +124,10 @@ async fn closing_a_session_takes_its_waiting_acquire_out_of_line() {
         ..acquire_req("r", "b", 5000)
     })))
     .await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while describe(&mut c, "r").await.waiters == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the session's acquire never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The session's acquire queues; closing the stream takes it out.
+    wait_for_waiters(&mut c, "r", 1).await;
     drop(s);
-    while describe(&mut c, "r").await.waiters > 0 {
-        assert!(Instant::now() < deadline, "the waiter stayed in line");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_waiters(&mut c, "r", 0).await;
     assert!(release(&mut c, &held_by_a).await.unwrap());
     assert!(
         !describe(&mut c, "r").await.held,
@@ -189,9 +180,7 @@ async fn the_library_session_acquires_renews_and_releases() {
             .await
             .map(|g| g.token())
     });
-    while describe(&mut direct, "q").await.waiters == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_waiters(&mut direct, "q", 1).await;
     assert!(s.release(first.clone()).await.unwrap());
     assert!(waiting.await.unwrap().unwrap() > first.token());
 }

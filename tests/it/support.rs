@@ -259,6 +259,18 @@ pub async fn release(c: &mut Client, lease: &proto::Lease) -> Result<bool, tonic
     .map(|r| r.into_inner().released)
 }
 
+/// Waits (at most 5 s) until `resource` has exactly `n` waiters in line.
+pub async fn wait_for_waiters(c: &mut Client, resource: &str, n: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while describe(c, resource).await.waiters != n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw {n} waiters on {resource}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub async fn describe(c: &mut Client, resource: &str) -> proto::DescribeResponse {
     c.describe(proto::DescribeRequest {
         resource: resource.into(),
