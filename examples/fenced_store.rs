@@ -1,4 +1,4 @@
-//! `fenced_store`: the fenced key-value store ([`leasehold::fenced_kv`]) as a
+//! `fenced_store`: the fenced key-value store ([`leasehold_guard::fenced_kv`]) as a
 //! process, for demos and for the crash tests.
 //!
 //! ```text
@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush().context("cannot flush stdout")?;
     drop(stdout);
 
-    leasehold::fenced_kv::serve(listener, &args.data_dir, shutdown_signal())
+    leasehold_guard::fenced_kv::serve(listener, &args.data_dir, shutdown_signal())
         .await
         .context("the fenced store failed")?;
     Ok(())

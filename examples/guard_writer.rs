@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use leasehold::guard::{GuardError, SledGuard};
+use leasehold_guard::{GuardError, SledGuard};
 use parking_lot::Mutex;
 
 /// Writes through the fenced guard's fast path until killed.

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use leasehold::client::Client;
-use leasehold::proto::{fenced_kv_client::FencedKvClient, PutRequest};
+use leasehold_client::Client;
+use leasehold_guard::proto::{fenced_kv_client::FencedKvClient, PutRequest};
 use tonic::{Code, Request};
 
 #[derive(Debug, Parser)]

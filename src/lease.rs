@@ -18,7 +18,7 @@ use std::time::Duration;
 use rand::RngCore;
 
 /// Longest resource name, in bytes.
-pub const MAX_RESOURCE_LEN: usize = 512;
+pub const MAX_RESOURCE_LEN: usize = leasehold_fence::MAX_RESOURCE_LEN;
 /// Longest holder name, in bytes.
 pub const MAX_HOLDER_LEN: usize = 256;
 /// Longest idempotency key, in bytes.
@@ -44,26 +44,10 @@ impl InvalidField {
     }
 }
 
+/// The one rule for names (resources here, in the client and in the guard
+/// alike), with the field's name put in front.
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), InvalidField> {
-    if value.is_empty() {
-        return Err(InvalidField::new(
-            field,
-            format!("must not be empty (1..={max} bytes)"),
-        ));
-    }
-    if value.len() > max {
-        return Err(InvalidField::new(
-            field,
-            format!("is {} bytes long; the limit is {max} bytes", value.len()),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(InvalidField::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
+    leasehold_fence::check_name(value, max).map_err(|e| InvalidField::new(field, e.to_string()))
 }
 
 /// The name of a leased thing: 1..=512 bytes, no control characters.

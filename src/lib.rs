@@ -1,10 +1,15 @@
 //! Leasehold: a lease coordinator whose fencing tokens never go backwards.
 //!
+//! This is the coordinator (the server and the `leasehold` binary). The
+//! libraries for the other parties are crates of their own, in `crates/`:
+//! `leasehold-client` (workers), `leasehold-guard` (storage services) and
+//! `leasehold-fence` (the fence on the wire, shared by both).
+//!
 //! Modules, in reading order:
 //!
 //! - [`lease`]: validated domain types (resource, holder, lease id, token).
 //! - [`state`]: the pure lease state machine; time is an argument, no I/O.
-//! - [`store`]: the only module that knows sled and the disk.
+//! - [`store`]: the only module on the server's path that knows sled and the disk.
 //! - [`wal`]: the store's write-ahead log; one synchronous write per batch.
 //! - [`commit`]: group commit; one writer at a time, one write per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
@@ -13,10 +18,6 @@
 //! - [`auth`]: the admin bearer token, checked in constant time.
 //! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
-//! - [`client`]: the worker's library: acquire, keepalive, safe retries.
-//! - [`session`]: many short leases over one stream, for high-rate workers.
-//! - [`guard`], [`idempotency`], [`fencing`]: libraries for storage services;
-//!   [`fenced_kv`]: a small fenced key-value service built from them.
 //! - [`bench`](mod@bench): `leasehold bench`, bounded load generators with checks.
 //! - [`cli`]: the `leasehold` command line.
 //!
@@ -32,7 +33,9 @@
 //! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use leasehold::{client::Client, guard::{GuardError, MemoryGuard}, server};
+//! use leasehold::server;
+//! use leasehold_client::Client;
+//! use leasehold_guard::{GuardError, MemoryGuard};
 //!
 //! // The coordinator (normally `leasehold serve`).
 //! let dir = tempfile::tempdir()?;
@@ -70,17 +73,11 @@ pub mod admin;
 pub mod auth;
 pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod commit;
 pub mod coordinator;
-pub mod fenced_kv;
-pub mod fencing;
-pub mod guard;
-pub mod idempotency;
 pub mod lease;
 pub mod server;
 pub mod service;
-pub mod session;
 pub mod state;
 pub mod store;
 pub mod tls;

@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use leasehold::client::{AcquireError, Client, ClientError, Lease, LeaseHandle, LostReason};
-use leasehold::proto::{fenced_kv_client::FencedKvClient, PutRequest};
-use leasehold::session::{Grant, Session};
+use leasehold_client::{AcquireError, Client, ClientError, Lease, LeaseHandle, LostReason};
+use leasehold_client::{Grant, Session};
+use leasehold_guard::proto::{fenced_kv_client::FencedKvClient, PutRequest};
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

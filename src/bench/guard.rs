@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Check, Report, Tally, Window};
-use crate::guard::{GuardError, MemoryGuard, SledGuard};
+use leasehold_guard::{GuardError, MemoryGuard, SledGuard};
 
 /// Checks per timed batch in the memory run.
 pub const BATCH: u64 = 256;

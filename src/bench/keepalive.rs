@@ -31,7 +31,7 @@ use super::{
     join_bounded, run_tag, usage_at_window_start_arc, BenchError, Check, Options, Report, Tally,
     Window,
 };
-use crate::proto;
+use leasehold_client::proto;
 
 /// Options of the keepalive workload beyond the common ones.
 #[derive(Debug, Clone)]

@@ -5,8 +5,9 @@
 //! itself (also after `max_ops` ops, and in any case a few seconds past its
 //! end, abandoning calls that hang), and returns a [`Report`]: the rate as
 //! `N ops/s`, p50/p90/p99/max latency, errors, and the correctness checks of
-//! the workload. The report module is shared with the etcd and ZooKeeper load
-//! generators in `bench/peers`, so all three print the same thing.
+//! the workload. The report is the `leasehold-bench-report` crate, shared with
+//! the etcd and ZooKeeper load generators in `bench/peers`, so all three
+//! print the same thing.
 //!
 //! - [`cycle`]: acquire → release on a free resource, per worker.
 //! - [`contended`]: every worker queues on one resource; handoffs per second,
@@ -28,7 +29,6 @@ pub mod contended;
 pub mod cycle;
 pub mod guard;
 pub mod keepalive;
-pub mod report;
 pub mod scale;
 
 use std::future::Future;
@@ -41,15 +41,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::RngCore;
 use tonic::transport::Endpoint;
 
-use crate::proto::lease_service_client::LeaseServiceClient;
-use crate::proto::session_request::Call;
-use crate::proto::session_response::Result as Answer;
-use crate::proto::{self, acquire_response::Outcome};
-use crate::session::Calls;
-pub use report::{
+pub use leasehold_bench_report::{
     join_bounded, tokens_unique, usage_at_window_start_arc, Check, Contention, Histogram, Report,
     ServerUsage, Tally, Window,
 };
+use leasehold_client::proto::lease_service_client::LeaseServiceClient;
+use leasehold_client::proto::session_request::Call;
+use leasehold_client::proto::session_response::Result as Answer;
+use leasehold_client::proto::{self, acquire_response::Outcome};
+use leasehold_client::Calls;
 
 /// The generated client the workloads drive.
 pub type Client = LeaseServiceClient<Conn>;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{
     join_bounded, run_tag, BenchError, Caller, Check, Client, Held, Options, Report, Tally, Window,
 };
-use crate::proto;
+use leasehold_client::proto;
 
 /// Takes the leases `{prefix}/0` .. `{prefix}/{count - 1}` with `workers`
 /// concurrent unary callers, starting none after `stop`. Each grant, as it
@@ -177,7 +177,7 @@ pub async fn ready(
         .insert("ready_after_ms".into(), took.as_millis() as f64);
     report.extra.insert("attempts".into(), attempts as f64);
     if let Some(pid) = opts.server_pid {
-        if let Some(rss) = super::report::process_rss(pid) {
+        if let Some(rss) = leasehold_bench_report::process_rss(pid) {
             report
                 .extra
                 .insert("server_rss_mib".into(), (rss as f64 / 1048576.0).round());

@@ -23,7 +23,7 @@ use tokio::process::Command;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::common::ConnectArgs;
-use crate::client::{AcquireError, Client, ClientConfig, ClientError};
+use leasehold_client::{AcquireError, Client, ClientConfig, ClientError};
 
 /// The resource was held by someone else for the whole wait.
 pub const EXIT_BUSY: i32 = 75;
@@ -152,7 +152,7 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(1)
 }
 
-fn print_lease(lease: &crate::client::Lease, json: bool) {
+fn print_lease(lease: &leasehold_client::Lease, json: bool) {
     let valid_ms = lease.valid_for().as_millis() as u64;
     if json {
         let value = serde_json::json!({

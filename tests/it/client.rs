@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leasehold::client::{AcquireError, Client, LostReason, WithLeaseError};
+use leasehold_client::{AcquireError, Client, LostReason, WithLeaseError};
 
 use crate::support::*;
 
@@ -329,7 +329,7 @@ async fn cli_acquire_stops_the_command_when_the_lease_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_are_not_retried() {
-    use leasehold::client::ClientError;
+    use leasehold_client::ClientError;
     let server = TestServer::start().await;
     let client = Client::connect(server.url()).unwrap();
     let started = Instant::now();

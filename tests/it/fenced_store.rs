@@ -1,4 +1,4 @@
-//! The fenced key-value store (`leasehold::fenced_kv`) over real gRPC: in
+//! The fenced key-value store (`leasehold_guard::fenced_kv`) over real gRPC: in
 //! process, and as the `fenced_store` example binary killed with SIGKILL.
 //!
 //! Every wait has a timeout, so a hung server fails the test instead of
@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use leasehold::fenced_kv;
-use leasehold::fencing;
-use leasehold::proto::fenced_kv_client::FencedKvClient;
-use leasehold::proto::{GetRequest, GetResponse, PutRequest};
+use leasehold_guard::fenced_kv;
+use leasehold_guard::fencing;
+use leasehold_guard::proto::fenced_kv_client::FencedKvClient;
+use leasehold_guard::proto::{GetRequest, GetResponse, PutRequest};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 

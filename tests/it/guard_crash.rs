@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use leasehold::guard::{GuardError, SledGuard};
+use leasehold_guard::{GuardError, SledGuard};
 
 use crate::support::example;
 

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use leasehold::proto::{fenced_kv_client::FencedKvClient, GetRequest};
+use leasehold_guard::proto::{fenced_kv_client::FencedKvClient, GetRequest};
 
 use crate::support::*;
 

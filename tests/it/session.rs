@@ -3,8 +3,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use leasehold::client::{AcquireError, Client, ClientError};
 use leasehold::proto::{self, session_request::Call, session_response::Result as Answer};
+use leasehold_client::{AcquireError, Client, ClientError};
 use tokio::sync::mpsc;
 use tonic::Code;
 

@@ -25,16 +25,13 @@
 //!   server-side, ZooKeeper's recipe lists the children and watches its
 //!   predecessor. Same checks as Leasehold's: no overlap, tokens increase.
 
-#[allow(dead_code)]
-#[path = "../../../src/bench/report.rs"]
-mod report;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use rand::RngCore;
+use leasehold_bench_report as report;
 use report::{join_bounded, usage_at_window_start_arc, Check, Contention, Report, Tally, Window};
 
 /// Load generators for etcd and ZooKeeper, reporting like `leasehold bench`.

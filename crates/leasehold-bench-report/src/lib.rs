@@ -1,10 +1,11 @@
 //! What every benchmark shares: the measuring window, the latency histogram
 //! and the report (text and JSON).
 //!
-//! This file depends on `std`, `serde`, `serde_json` and `tokio` only, so the peer
-//! load generators in `bench/peers` (a separate crate, for etcd and
-//! ZooKeeper) include it by path and print exactly the same report; that is
-//! what lets `bench/compare.sh` put all three systems in one table.
+//! Both `leasehold bench` and the peer load generators in `bench/peers` (a
+//! separate crate, for etcd and ZooKeeper) depend on this crate, so they
+//! print exactly the same report; that is what lets `bench/compare.sh` put
+//! all three systems in one table. It depends on `std`, `serde`,
+//! `serde_json` and `tokio` only.
 
 use std::collections::BTreeMap;
 use std::fmt;

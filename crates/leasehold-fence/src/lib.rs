@@ -1,9 +1,12 @@
-//! Carrying a fencing token from a worker to a storage service.
+//! A fence: the lease's resource and fencing token, as they travel from a
+//! worker to a storage service.
 //!
 //! A worker that holds a lease sends two values with every write: the
 //! lease's resource and its fencing token. The storage service checks the
-//! token with a [`guard`](crate::guard) before writing. This module is the
-//! wire format of that pair and the helpers on both sides:
+//! token with a guard (`leasehold-guard`) before writing. This crate is the
+//! wire format of that pair, shared by both sides (the worker library
+//! `leasehold-client` attaches fences, the guard reads them), and the one
+//! home of the rule for resource names, which the coordinator applies too:
 //!
 //! | transport      | resource                 | token                 |
 //! |----------------|--------------------------|-----------------------|
@@ -14,47 +17,62 @@
 //!
 //! - **token**: the decimal form of a `u64`, digits only (`34`).
 //! - **resource**: the resource name, 1..=512 bytes of UTF-8 without
-//!   control characters (the coordinator's own rule), sent with every byte
-//!   outside printable ASCII (`!`..=`~`) and `%` itself percent-encoded as
-//!   `%XX`. A plain ASCII name without spaces or `%` is therefore sent as is
-//!   (`orders`), and `café 1` is sent as `caf%C3%A9%201`. The encoding keeps
-//!   header values within the gRPC spec's printable ASCII, and is the one
-//!   gRPC itself uses for `grpc-message`. Receivers also accept raw UTF-8
-//!   bytes and spaces.
+//!   control characters ([`check_name`], the coordinator's own rule), sent
+//!   with every byte outside printable ASCII (`!`..=`~`) and `%` itself
+//!   percent-encoded as `%XX`. A plain ASCII name without spaces or `%` is
+//!   therefore sent as is (`orders`), and `café 1` is sent as
+//!   `caf%C3%A9%201`. The encoding keeps header values within the gRPC
+//!   spec's printable ASCII, and is the one gRPC itself uses for
+//!   `grpc-message`. Receivers also accept raw UTF-8 bytes and spaces.
 //!
 //! A value sent twice (two `leasehold-token` entries) is rejected rather
 //! than guessed at.
 //!
-//! # Server side
+//! # Features
 //!
-//! Install [`require_fence`] (every method needs a fence) or
-//! [`optional_fence`] (methods decide) as the service's interceptor; it
+//! - `grpc` (off by default): reading and attaching fences as tonic
+//!   metadata, and the interceptors below. Without it the crate needs no
+//!   gRPC at all: [`Fence::parse`] and [`Fence::header_values`] are the
+//!   HTTP side.
+//!
+//! # Server side (`grpc`)
+//!
+//! Install `require_fence` (every method needs a fence) or
+//! `optional_fence` (methods decide) as the service's interceptor; it
 //! parses the metadata into a [`Fence`] stored in the request's extensions,
 //! and answers `INVALID_ARGUMENT`, naming the key and its expected form,
-//! when a value is malformed. Handlers read it with [`Fence::from_request`].
+//! when a value is malformed. Handlers read it with `Fence::from_request`.
 //!
-//! ```
-//! use leasehold::fencing::{self, Fence};
-//! use tonic::Request;
-//!
-//! # fn handler(req: Request<()>) -> Result<(), tonic::Status> {
-//! // In a handler of a service built with `XServer::with_interceptor(svc, fencing::require_fence)`:
-//! let fence: &Fence = Fence::from_request(&req)?;
-//! // ... guard.write(&fence.resource, fence.token, ...) ...
-//! # Ok(()) }
-//! let mut req = Request::new(());
-//! fencing::attach(&mut req, "orders", 34)?;
-//! let req = fencing::require_fence(req)?;
-//! handler(req)?;
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+#![cfg_attr(
+    feature = "grpc",
+    doc = r##"
+```
+use leasehold_fence::{self as fencing, Fence};
+use tonic::Request;
+
+# fn handler(req: Request<()>) -> Result<(), tonic::Status> {
+// In a handler of a service built with `XServer::with_interceptor(svc, fencing::require_fence)`:
+let fence: &Fence = Fence::from_request(&req)?;
+// ... guard.write(&fence.resource, fence.token, ...) ...
+# Ok(()) }
+let mut req = Request::new(());
+fencing::attach(&mut req, "orders", 34)?;
+let req = fencing::require_fence(req)?;
+handler(req)?;
+# Ok::<(), Box<dyn std::error::Error>>(())
+```
+"##
+)]
 //!
 //! # Client side
 //!
-//! [`attach`] or [`Fence::attach_to`] add the metadata to a request;
+//! `attach` or `Fence::attach_to` (`grpc`) add the metadata to a request;
 //! [`Fence::header_values`] gives the HTTP header values.
 
+use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, CONTROLS};
+#[cfg(feature = "grpc")]
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+#[cfg(feature = "grpc")]
 use tonic::{Request, Status};
 
 /// gRPC metadata key carrying the lease's resource.
@@ -67,6 +85,60 @@ pub const RESOURCE_HEADER: &str = "Leasehold-Resource";
 pub const TOKEN_HEADER: &str = "Leasehold-Token";
 /// Longest resource name, in bytes (after percent-decoding).
 pub const MAX_RESOURCE_LEN: usize = 512;
+
+/// Why a name (a resource, or the coordinator's holder names) was refused.
+/// The messages complete a sentence that starts with the field's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// The name is empty.
+    #[error("must not be empty (1..={max} bytes)")]
+    Empty {
+        /// The longest name allowed, in bytes.
+        max: usize,
+    },
+    /// The name is longer than `max` bytes.
+    #[error("is {len} bytes long; the limit is {max} bytes")]
+    TooLong {
+        /// The name's length in bytes.
+        len: usize,
+        /// The longest name allowed, in bytes.
+        max: usize,
+    },
+    /// The name contains a control character.
+    #[error("must not contain control characters")]
+    Control,
+}
+
+/// The rule for names: 1..=`max` bytes of UTF-8 without control characters.
+/// Resources use it with [`MAX_RESOURCE_LEN`], on the coordinator, in the
+/// client and in the guard alike.
+///
+/// ```
+/// use leasehold_fence::{check_name, NameError, MAX_RESOURCE_LEN};
+///
+/// assert_eq!(check_name("orders", MAX_RESOURCE_LEN), Ok(()));
+/// assert_eq!(check_name("", 512), Err(NameError::Empty { max: 512 }));
+/// assert_eq!(check_name("a\nb", 512), Err(NameError::Control));
+/// ```
+pub fn check_name(value: &str, max: usize) -> Result<(), NameError> {
+    if value.is_empty() {
+        return Err(NameError::Empty { max });
+    }
+    if value.len() > max {
+        return Err(NameError::TooLong {
+            len: value.len(),
+            max,
+        });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(NameError::Control);
+    }
+    Ok(())
+}
+
+/// Every byte outside printable ASCII (`!`..=`~`), and `%` itself, is
+/// percent-encoded; `CONTROLS` plus non-ASCII covers all but space and `%`.
+const ENCODED: &AsciiSet = &CONTROLS.add(b' ').add(b'%');
 
 const TOKEN_FORM: &str = "the lease's fencing token as a decimal u64, e.g. `34`";
 const RESOURCE_FORM: &str = "the lease's resource: 1..=512 bytes of UTF-8 without control \
@@ -122,6 +194,7 @@ impl FenceError {
     }
 }
 
+#[cfg(feature = "grpc")]
 impl From<FenceError> for Status {
     fn from(e: FenceError) -> Self {
         Status::invalid_argument(e.to_string())
@@ -155,6 +228,7 @@ impl Fence {
         Ok(Fence { resource, token })
     }
 
+    #[cfg(feature = "grpc")]
     /// Parses the fence from gRPC metadata.
     pub fn from_metadata(metadata: &MetadataMap) -> Result<Self, FenceError> {
         let resource = single(metadata, RESOURCE_METADATA_KEY, RESOURCE_FORM)?;
@@ -162,6 +236,7 @@ impl Fence {
         Fence::parse(resource.as_bytes(), token.as_bytes())
     }
 
+    #[cfg(feature = "grpc")]
     /// The fence an interceptor ([`require_fence`], [`optional_fence`])
     /// stored in the request.
     ///
@@ -176,12 +251,13 @@ impl Fence {
             Err(e) => Err(e.into()),
             Ok(_) => Err(Status::internal(
                 "the server reads fencing tokens without parsing them: install \
-                 `leasehold::fencing::require_fence` or `optional_fence` as the service's \
+                 `leasehold_fence::require_fence` or `optional_fence` as the service's \
                  interceptor",
             )),
         }
     }
 
+    #[cfg(feature = "grpc")]
     /// Adds this fence's metadata to `req`, replacing any already there.
     pub fn attach_to<T>(&self, req: &mut Request<T>) -> Result<(), FenceError> {
         attach(req, &self.resource, self.token)
@@ -195,6 +271,7 @@ impl Fence {
     }
 }
 
+#[cfg(feature = "grpc")]
 /// Adds the fence metadata for `resource` and `token` to `req`, replacing
 /// any already there. Fails only if the resource name is invalid.
 pub fn attach<T>(req: &mut Request<T>, resource: &str, token: u64) -> Result<(), FenceError> {
@@ -207,6 +284,7 @@ pub fn attach<T>(req: &mut Request<T>, resource: &str, token: u64) -> Result<(),
     Ok(())
 }
 
+#[cfg(feature = "grpc")]
 /// A tonic interceptor for services whose every method needs a fence:
 /// parses the metadata into a [`Fence`] in the request's extensions, or
 /// answers `INVALID_ARGUMENT` naming the missing or malformed key.
@@ -218,6 +296,7 @@ pub fn require_fence(mut req: Request<()>) -> Result<Request<()>, Status> {
     Ok(req)
 }
 
+#[cfg(feature = "grpc")]
 /// A tonic interceptor for services where only some methods need a fence
 /// (writes, not reads): like [`require_fence`], but a request carrying
 /// neither key passes through without a [`Fence`], and the methods that need
@@ -231,6 +310,7 @@ pub fn optional_fence(req: Request<()>) -> Result<Request<()>, Status> {
     require_fence(req)
 }
 
+#[cfg(feature = "grpc")]
 fn single<'a>(
     metadata: &'a MetadataMap,
     key: &'static str,
@@ -264,65 +344,32 @@ fn parse_token(value: &[u8]) -> Result<u64, FenceError> {
 }
 
 fn check_resource(resource: &str) -> Result<(), FenceError> {
-    if resource.is_empty() {
-        return Err(FenceError::resource("empty"));
-    }
-    if resource.len() > MAX_RESOURCE_LEN {
-        return Err(FenceError::resource(format!(
-            "{} bytes long; the limit is {MAX_RESOURCE_LEN}",
-            resource.len()
-        )));
-    }
-    if resource.chars().any(char::is_control) {
-        return Err(FenceError::resource("contains control characters"));
-    }
-    Ok(())
+    check_name(resource, MAX_RESOURCE_LEN).map_err(|e| FenceError::resource(e.to_string()))
 }
 
-/// Percent-encodes every byte outside `!`..=`~`, and `%`.
 fn encode_resource(resource: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let mut out = String::with_capacity(resource.len());
-    for &b in resource.as_bytes() {
-        if b.is_ascii_graphic() && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push('%');
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-    }
-    out
+    utf8_percent_encode(resource, ENCODED).to_string()
 }
 
 fn decode_resource(value: &[u8]) -> Result<String, FenceError> {
-    let mut bytes = Vec::with_capacity(value.len());
-    let mut i = 0;
-    while i < value.len() {
-        if value[i] == b'%' {
-            let hex = value
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    FenceError::resource(format!(
-                        "`%` at byte {i} is not followed by two hex digits"
-                    ))
-                })?;
-            bytes.push(hex);
-            i += 3;
-        } else {
-            bytes.push(value[i]);
-            i += 1;
+    // `percent_decode` passes a malformed escape through as text; refuse it.
+    for (i, _) in value.iter().enumerate().filter(|(_, &b)| b == b'%') {
+        let escape = value.get(i + 1..i + 3);
+        if !escape.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+            return Err(FenceError::resource(format!(
+                "`%` at byte {i} is not followed by two hex digits"
+            )));
         }
     }
-    let resource = String::from_utf8(bytes)
-        .map_err(|_| FenceError::resource("not UTF-8 after percent-decoding"))?;
+    let resource = percent_decode(value)
+        .decode_utf8()
+        .map_err(|_| FenceError::resource("not UTF-8 after percent-decoding"))?
+        .into_owned();
     check_resource(&resource)?;
     Ok(resource)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "grpc"))]
 mod tests {
     use super::*;
     use tonic::Code;

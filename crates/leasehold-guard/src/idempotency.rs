@@ -57,7 +57,7 @@
 //! [`GroupFlusher`] (concurrent executes share flushes). Both survive
 //! `kill -9`; like everything on sled 0.34, they can be lost in a machine
 //! crash within sled's `flush_every_ms` (~500 ms), because sled's `flush()`
-//! does not `fsync` (see [`crate::guard`]). A lost *started* marker is the
+//! does not `fsync` (see [the crate docs](crate#durability-sledguard)). A lost *started* marker is the
 //! dangerous case: a retry after such a crash runs the side effect again.
 //!
 //! An in-memory in-flight set makes a concurrent duplicate fail fast with
@@ -77,7 +77,7 @@
 //! # Example
 //!
 //! ```
-//! use leasehold::idempotency::{Effect, IdempotencyStore};
+//! use leasehold_guard::idempotency::{Effect, IdempotencyStore};
 //! use std::convert::Infallible;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -103,7 +103,7 @@ use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::guard::{FlushError, GroupFlusher};
+use crate::{FlushError, GroupFlusher};
 
 /// The default name of the tree holding the records.
 pub const DEFAULT_TREE: &str = "leasehold.idempotency";

@@ -26,7 +26,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
-//! use leasehold::client::Client;
+//! use leasehold_client::Client;
 //!
 //! let client = Client::connect("http://127.0.0.1:7420")?;
 //! let mut session = client.session().await?;
@@ -48,12 +48,14 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
-use crate::client::{default_holder, retryable, AcquireError, Backoff, Client, ClientError};
-use crate::fencing::{Fence, FenceError};
+use leasehold_fence::{Fence, FenceError};
+
 use crate::proto::lease_service_client::LeaseServiceClient;
 use crate::proto::session_request::Call;
 use crate::proto::session_response::Result as Answer;
 use crate::proto::{self, acquire_response::Outcome};
+use crate::retry::{default_holder, retry};
+use crate::{AcquireError, Client, ClientError};
 use tonic::codegen::{Body, Bytes, StdError};
 
 /// A lease granted over a session: its identity, its token, and until when
@@ -112,7 +114,7 @@ impl Grant {
         self.valid_until.saturating_duration_since(Instant::now())
     }
 
-    /// The (resource, token) pair storage checks; see [`crate::fencing`].
+    /// The (resource, token) pair storage checks; see [`leasehold_fence`].
     pub fn fence(&self) -> Result<Fence, FenceError> {
         Fence::new(self.resource.clone(), self.token)
     }
@@ -277,47 +279,33 @@ impl Session {
         make: impl Fn(Duration) -> Call,
     ) -> Result<(Answer, Instant), ClientError> {
         let config = self.client.config().clone();
-        let wait_until = Instant::now() + wait;
-        let deadline = wait_until + config.retry_for;
-        let mut backoff = Backoff::new(&config);
-        loop {
-            let left = wait_until.saturating_duration_since(Instant::now());
-            let sent_at = Instant::now();
-            let attempt =
-                tokio::time::timeout(left + config.attempt_timeout, self.exchange(make(left)))
-                    .await
-                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("the attempt timed out")));
-            let status = match attempt {
-                // The call failed; the stream is fine.
-                Ok(Answer::Error(e)) => Status::new(Code::from(e.code), e.message),
-                Ok(answer) => return Ok((answer, sent_at)),
-                Err(status) => {
-                    // Broken, or a call still unanswered on it: start over.
-                    self.stream = None;
-                    status
+        retry(&config, wait, self, |session, left| {
+            let call = make(left);
+            Box::pin(async move {
+                let sent_at = Instant::now();
+                match session.exchange(call).await? {
+                    // The call failed; the stream is fine.
+                    Answer::Error(e) => Err(Status::new(Code::from(e.code), e.message)),
+                    answer => Ok((answer, sent_at)),
                 }
-            };
-            if !retryable(&status) {
-                return Err(ClientError::Refused(status));
-            }
-            tracing::debug!(code = ?status.code(), "session call failed; retrying on a new stream");
-            if !backoff.sleep_before(deadline).await {
-                return Err(ClientError::Unreachable(status));
-            }
-        }
+            })
+        })
+        .await
     }
 
-    /// One request and its answer on the current stream (opened if needed).
+    /// One request and its answer on the current stream (opened if
+    /// needed). The stream is put back only once answered: one that broke,
+    /// or whose attempt timed out with the call unanswered, is dropped, and
+    /// the next attempt starts a new one.
     async fn exchange(&mut self, call: Call) -> Result<Answer, Status> {
-        if self.stream.is_none() {
-            self.stream = Some(self.open().await?);
-        }
-        match self.stream.as_mut() {
-            Some(stream) => stream.call(call).await,
-            None => Err(Status::unavailable("the session stream is closed")),
-        }
+        let mut stream = match self.stream.take() {
+            Some(stream) => stream,
+            None => self.open().await?,
+        };
+        let answer = stream.call(call).await?;
+        self.stream = Some(stream);
+        Ok(answer)
     }
-
     async fn open(&self) -> Result<Calls, Status> {
         let mut rpc = self.client.rpc();
         tokio::time::timeout(self.client.config().attempt_timeout, Calls::open(&mut rpc))

@@ -17,9 +17,10 @@
 //! - **Put** needs a fence; without one it answers `INVALID_ARGUMENT`
 //!   naming the missing key. The token check, the data write and the mark
 //!   update are one sled transaction ([`SledGuard::write`]); the reply is
-//!   sent only after a (shared) sled `flush()`, so an acknowledged write
-//!   survives `kill -9` of the server. It does not necessarily survive a
-//!   machine crash: see the durability notes in [`crate::guard`].
+//!   sent only after a shared flush that also `fdatasync`s sled's log
+//!   ([`GroupFlusher::start_synced`]), so an acknowledged write survives
+//!   `kill -9` of the server and a power cut (see the durability notes in
+//!   [the crate docs](crate#durability-sledguard)).
 //! - **Get** needs no fence (reads are not fenced here); a fence sent
 //!   anyway must be well-formed.
 //! - **One resource protects every key written under it.** The key written
@@ -33,7 +34,7 @@
 //!
 //! One sled database in the data directory. The tree [`DATA_TREE`] maps
 //! each key to its value prefixed with the 8-byte big-endian token that
-//! wrote it; the guard's marks live in [`crate::guard::DEFAULT_TREE`].
+//! wrote it; the guard's marks live in [`crate::DEFAULT_TREE`].
 //!
 //! # Example
 //!
@@ -41,7 +42,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! let shutdown = async { tokio::signal::ctrl_c().await.unwrap_or(()) };
-//! leasehold::fenced_kv::serve(listener, std::path::Path::new("data"), shutdown).await?;
+//! leasehold_guard::fenced_kv::serve(listener, std::path::Path::new("data"), shutdown).await?;
 //! # Ok(()) }
 //! ```
 
@@ -54,9 +55,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::fencing::{self, Fence};
-use crate::guard::{FlushError, GroupFlusher, GuardError, SledGuard};
 use crate::proto::fenced_kv_server::{FencedKv, FencedKvServer};
 use crate::proto::{GetRequest, GetResponse, PutRequest, PutResponse};
+use crate::{FlushError, GroupFlusher, GuardError, SledGuard};
 
 /// The tree holding the data: key → token (8 bytes, big-endian) + value.
 pub const DATA_TREE: &str = "fenced_kv.data";
@@ -82,7 +83,7 @@ pub enum FencedKvError {
     #[error(transparent)]
     Guard(#[from] GuardError),
     /// The flusher thread cannot be started.
-    #[error("cannot start the flusher thread: {0}")]
+    #[error("cannot start the flusher (its thread, or opening sled's log to sync it): {0}")]
     Thread(#[source] std::io::Error),
     /// The final flush at shutdown failed.
     #[error(transparent)]
@@ -116,13 +117,14 @@ impl FencedKvService {
                 path: data_dir.to_owned(),
                 source,
             })?;
-        Self::from_db(&db)
+        let flusher =
+            GroupFlusher::start_synced(db.clone(), data_dir).map_err(FencedKvError::Thread)?;
+        Self::with_flusher(&db, flusher)
     }
 
-    /// The store over an open database.
-    pub fn from_db(db: &sled::Db) -> Result<Self, FencedKvError> {
-        let flusher = GroupFlusher::start(db.clone()).map_err(FencedKvError::Thread)?;
-        let guard = SledGuard::with_flusher(db, crate::guard::DEFAULT_TREE, flusher)?;
+    /// The store over an open database, made durable by `flusher`.
+    pub fn with_flusher(db: &sled::Db, flusher: GroupFlusher) -> Result<Self, FencedKvError> {
+        let guard = SledGuard::with_flusher(db, crate::DEFAULT_TREE, flusher)?;
         let data = db.open_tree(DATA_TREE).map_err(GuardError::from)?;
         Ok(FencedKvService { guard, data })
     }
