@@ -12,6 +12,7 @@
 //! - [`store`]: the only module on the server's path that knows sled and the disk.
 //! - [`wal`]: the store's write-ahead log; one synchronous write per batch.
 //! - [`commit`]: group commit; one writer at a time, one write per batch.
+//! - [`clock`]: the time the coordinator is handed (Tokio's, so tests can pause it).
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`admin`]: the operator API (list, revoke, watch, history, stats).
@@ -73,6 +74,7 @@ pub mod admin;
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod clock;
 pub mod commit;
 pub mod coordinator;
 pub mod lease;

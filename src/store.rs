@@ -271,7 +271,7 @@ struct Pending {
 
 /// What the store and its checkpointer thread share.
 #[derive(Debug)]
-struct Shared {
+struct StoreState {
     /// `None` while being reopened after an I/O error, and once closed.
     db: Mutex<Option<sled::Db>>,
     /// sled's log file, synced at checkpoints.
@@ -298,7 +298,7 @@ struct Checkpoint {
 /// ([`Store::history`], [`Store::size_on_disk`]) may run on any thread.
 #[derive(Debug)]
 pub struct Store {
-    shared: Arc<Shared>,
+    shared: Arc<StoreState>,
     /// Set by [`Store::close`]: the database is gone for good.
     closed: AtomicBool,
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<Checkpoint>, JoinHandle<()>)>>,
@@ -340,7 +340,7 @@ impl Store {
                 path: wal_path.clone(),
                 source,
             })?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(StoreState {
             db: Mutex::new(Some(db.clone())),
             sled_log: Mutex::new(Some(sled_log)),
             wal: Mutex::new(wal),
@@ -684,7 +684,7 @@ impl Drop for Store {
     }
 }
 
-impl Shared {
+impl StoreState {
     fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
         move |source| {
             // sled 0.34 keeps failing after an I/O error (its error is

@@ -14,7 +14,7 @@ use crate::retry::Backoff;
 use crate::{proto, Client, ClientError, LostReason};
 
 /// What the keepalive task and the handles share.
-struct Shared {
+struct LeaseState {
     resource: String,
     lease_id: String,
     token: u64,
@@ -27,7 +27,7 @@ struct Shared {
     stop: CancellationToken,
 }
 
-impl Shared {
+impl LeaseState {
     fn confirm(&self, sent_at: Instant, expires_in: Duration, margin: Duration) {
         let until = sent_at + expires_in.saturating_sub(margin);
         let mut valid = self.valid_until.lock();
@@ -61,7 +61,7 @@ impl Shared {
 /// A held lease. Renews itself in the background until released, lost or
 /// dropped; dropping it releases it in the background.
 pub struct Lease {
-    shared: Arc<Shared>,
+    shared: Arc<LeaseState>,
     client: Client,
     released: bool,
 }
@@ -70,7 +70,7 @@ pub struct Lease {
 /// [`Client::with_lease`]): token, validity and loss, but no release.
 #[derive(Clone)]
 pub struct LeaseHandle {
-    shared: Arc<Shared>,
+    shared: Arc<LeaseState>,
 }
 
 impl LeaseHandle {
@@ -107,7 +107,7 @@ impl LeaseHandle {
     /// Resolves when the lease is lost.
     pub async fn lost(&self) -> LostReason {
         let mut rx = self.shared.lost.subscribe();
-        // The sender lives in `Shared`, which we hold, so this cannot fail.
+        // The sender lives in `LeaseState`, which we hold, so this cannot fail.
         let reason = rx.wait_for(Option::is_some).await.ok().and_then(|r| *r);
         reason.unwrap_or(LostReason::Gone)
     }
@@ -123,7 +123,7 @@ impl Lease {
     ) -> Lease {
         let ttl = Duration::from_millis(l.ttl_ms);
         let margin = ttl.mul_f64(margin);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(LeaseState {
             resource: l.resource,
             lease_id: l.lease_id,
             token: l.token,
@@ -219,7 +219,7 @@ impl Lease {
     }
 }
 
-async fn release_rpc(client: &Client, shared: &Shared) -> Result<bool, ClientError> {
+async fn release_rpc(client: &Client, shared: &LeaseState) -> Result<bool, ClientError> {
     let req = proto::ReleaseRequest {
         lease_id: shared.lease_id.clone(),
         token: shared.token,
@@ -252,7 +252,7 @@ impl Drop for Lease {
 /// Renews `shared` every `every` over a KeepAlive stream, re-opening the
 /// stream after errors, until stopped or lost.
 #[tracing::instrument(name = "keepalive", skip_all, fields(resource = %shared.resource, token = shared.token))]
-async fn keep_alive(client: Client, shared: Arc<Shared>, every: Duration, margin: Duration) {
+async fn keep_alive(client: Client, shared: Arc<LeaseState>, every: Duration, margin: Duration) {
     let mut backoff = Backoff::new(&client.config);
     loop {
         // The watchdog: whatever happens to the stream, the lease is lost
@@ -312,7 +312,7 @@ async fn keep_alive(client: Client, shared: Arc<Shared>, every: Duration, margin
     }
 }
 
-async fn sleep_until_invalid(shared: &Shared) {
+async fn sleep_until_invalid(shared: &LeaseState) {
     loop {
         let until = *shared.valid_until.lock();
         tokio::time::sleep_until(until).await;
@@ -322,7 +322,7 @@ async fn sleep_until_invalid(shared: &Shared) {
     }
 }
 
-async fn wait_for_end(shared: &Shared) {
+async fn wait_for_end(shared: &LeaseState) {
     tokio::select! {
         _ = sleep_until_invalid(shared) => {}
         _ = shared.stop.cancelled() => {}
