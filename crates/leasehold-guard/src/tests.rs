@@ -702,18 +702,6 @@ fn sled_plain_write_that_fails_keeps_the_raised_mark() {
 /// stale tokens they superseded must stay refused.
 #[test]
 fn acknowledged_durable_writes_survive_a_modelled_power_cut() {
-    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
     let dir = tempfile::tempdir().unwrap();
     let device = tempfile::tempdir().unwrap();
     let synced = device.path().join("db");
@@ -728,7 +716,12 @@ fn acknowledged_durable_writes_survive_a_modelled_power_cut() {
         let (from, to) = (dir.path().to_owned(), synced.clone());
         let flusher = GroupFlusher::start_synced_observed(db.clone(), dir.path(), move || {
             let _ = std::fs::remove_dir_all(&to);
-            copy_dir(&from, &to);
+            let copied = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(&to)
+                .status();
+            assert!(copied.is_ok_and(|s| s.success()), "cp -a failed");
         })
         .unwrap();
         let guard = SledGuard::with_flusher(&db, DEFAULT_TREE, flusher).unwrap();
