@@ -69,11 +69,20 @@ pub struct TempPostgres {
     dir: tempfile::TempDir,
     port: u16,
     as_postgres: bool,
+    /// Extra `-c name=value` options for `postgres`.
+    settings: String,
 }
 
 impl TempPostgres {
-    /// `initdb` and start a server; about 1.5 s.
+    /// `initdb` and start a server with PostgreSQL's default settings
+    /// (every commit waits for its WAL flush); about 1.5 s.
     pub fn start() -> Result<Self, TempPostgresError> {
+        Self::start_with(&[])
+    }
+
+    /// [`TempPostgres::start`] with server settings (`-c name=value`), e.g.
+    /// `[("synchronous_commit", "off")]`.
+    pub fn start_with(settings: &[(&str, &str)]) -> Result<Self, TempPostgresError> {
         let bin = find_bin()?;
         let as_postgres = running_as_root()?;
         let dir = tempfile::Builder::new().prefix("leasehold-pg-").tempdir()?;
@@ -86,6 +95,10 @@ impl TempPostgres {
             dir,
             port: 0,
             as_postgres,
+            settings: settings
+                .iter()
+                .map(|(k, v)| format!(" -c {k}={v}"))
+                .collect(),
         };
         let data = server.data_dir();
         server.run(
@@ -119,6 +132,12 @@ impl TempPostgres {
     /// first caller starts it, the last one to drop its `Arc` stops it. For
     /// test binaries whose tests run in parallel, each with its own
     /// database ([`TempPostgres::create_database`]).
+    ///
+    /// It runs with `synchronous_commit = off`: a commit returns before its
+    /// WAL is flushed (this disk's flush took ~5 ms under build load), which
+    /// changes nothing the tests can see (commits stay atomic, locks and
+    /// visibility are the same) and only loses commits in a machine crash,
+    /// which no test makes. Benchmarks use [`TempPostgres::start`].
     pub fn shared() -> Result<Arc<Self>, TempPostgresError> {
         static SHARED: Mutex<Weak<TempPostgres>> = Mutex::new(Weak::new());
         // A test that panicked while holding the lock poisons it; the Weak
@@ -127,7 +146,7 @@ impl TempPostgres {
         if let Some(server) = shared.upgrade() {
             return Ok(server);
         }
-        let server = Arc::new(Self::start()?);
+        let server = Arc::new(Self::start_with(&[("synchronous_commit", "off")])?);
         *shared = Arc::downgrade(&server);
         Ok(server)
     }
@@ -176,9 +195,10 @@ impl TempPostgres {
 
     fn pg_ctl_start(&self) -> Result<(), TempPostgresError> {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}",
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={}{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.settings
         );
         let (data, log) = (self.data_dir(), self.log_file());
         self.run(
