@@ -815,3 +815,21 @@ async fn keys_expire_and_collection_skips_keys_in_flight() {
         .unwrap();
     assert!(kept.replayed);
 }
+
+#[test]
+fn a_throwaway_server_is_stopped_when_dropped_also_by_a_panic() {
+    let port = std::sync::Mutex::new(0);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let server = TempPostgres::start().unwrap_or_else(|e| panic!("{e}"));
+        *port.lock().unwrap() = server.port();
+        std::net::TcpStream::connect(("127.0.0.1", server.port())).expect("the server listens");
+        panic!("a test fails while holding the server");
+    }));
+    assert!(panicked.is_err());
+    let port = *port.lock().unwrap();
+    assert_ne!(port, 0);
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the server on port {port} outlived the panic"
+    );
+}

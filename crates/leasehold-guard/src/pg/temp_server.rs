@@ -299,13 +299,26 @@ fn join(args: &[&std::ffi::OsStr]) -> String {
 
 /// Where `initdb`, `pg_ctl` and `postgres` are.
 fn find_bin() -> Result<PathBuf, TempPostgresError> {
+    find_bin_in(
+        std::env::var_os("LEASEHOLD_PG_BIN"),
+        Path::new("/usr/lib/postgresql"),
+        true,
+    )
+}
+
+/// [`find_bin`] with its places to look as arguments.
+fn find_bin_in(
+    env: Option<std::ffi::OsString>,
+    debian_root: &Path,
+    try_pg_config: bool,
+) -> Result<PathBuf, TempPostgresError> {
     let complete = |dir: &Path| {
         ["initdb", "pg_ctl", "postgres"]
             .iter()
             .all(|b| dir.join(b).is_file())
     };
     let mut looked = Vec::new();
-    if let Some(dir) = std::env::var_os("LEASEHOLD_PG_BIN") {
+    if let Some(dir) = env {
         let dir = PathBuf::from(dir);
         if complete(&dir) {
             return Ok(dir);
@@ -313,7 +326,7 @@ fn find_bin() -> Result<PathBuf, TempPostgresError> {
         looked.push(format!("LEASEHOLD_PG_BIN={}", dir.display()));
     }
     // Debian's layout: /usr/lib/postgresql/<major>/bin; the newest wins.
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(debian_root)
         .into_iter()
         .flatten()
         .flatten()
@@ -326,14 +339,16 @@ fn find_bin() -> Result<PathBuf, TempPostgresError> {
     if let Some((_, dir)) = versions.into_iter().rev().find(|(_, d)| complete(d)) {
         return Ok(dir);
     }
-    looked.push("/usr/lib/postgresql/*/bin".into());
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if out.status.success() && complete(&dir) {
-            return Ok(dir);
+    looked.push(format!("{}/*/bin", debian_root.display()));
+    if try_pg_config {
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && complete(&dir) {
+                return Ok(dir);
+            }
         }
+        looked.push("`pg_config --bindir`".into());
     }
-    looked.push("`pg_config --bindir`".into());
     Err(TempPostgresError::NotInstalled {
         looked: looked.join(", "),
     })
@@ -363,4 +378,31 @@ fn postgres_user() -> Result<(u32, u32), TempPostgresError> {
 fn free_port() -> Result<u16, TempPostgresError> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binaries_fail_saying_how_to_install_them() {
+        let err = find_bin_in(
+            Some("/nonexistent/bin".into()),
+            Path::new("/nonexistent"),
+            false,
+        )
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, TempPostgresError::NotInstalled { .. }),
+            "{err:?}"
+        );
+        for part in [
+            "apt-get install -y postgresql",
+            "LEASEHOLD_PG_BIN=/nonexistent/bin",
+            "/nonexistent/*/bin",
+        ] {
+            assert!(message.contains(part), "{part:?} missing from: {message}");
+        }
+    }
 }
