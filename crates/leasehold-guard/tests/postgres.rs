@@ -334,7 +334,8 @@ async fn bad_input_is_refused_with_a_clear_error_and_nothing_written() {
     let longest = "r".repeat(512);
     let too_big = i64::MAX as u64 + 1;
     // (resource, token, expected): None = accepted.
-    let cases: Vec<(&str, u64, Option<fn(&PgError) -> bool>)> = vec![
+    type Expected = Option<fn(&PgError) -> bool>;
+    let cases: Vec<(&str, u64, Expected)> = vec![
         (
             "",
             1,
