@@ -10,9 +10,10 @@
 //!   instead of granting a second one. Transport errors and `UNAVAILABLE`
 //!   are retried with exponential backoff and full jitter until a deadline;
 //!   refusals such as `INVALID_ARGUMENT` are not.
-//! - **Keepalive.** A [`Lease`] renews itself in the background over a
-//!   `KeepAlive` stream (every TTL/3 by default), re-opening the stream after
-//!   a transport error and renewing the same lease.
+//! - **Keepalive.** A [`Lease`] renews itself in the background (every
+//!   TTL/3 by default) over the one `KeepAlive` stream its [`Client`] keeps
+//!   for all of its leases, re-opening the stream after a transport error
+//!   and renewing the same leases.
 //! - **Conservative validity.** Validity is measured from the moment the
 //!   confirmed request was *sent*, not when its reply arrived, using the time
 //!   left the server reported, minus a safety margin for clock-rate drift
@@ -55,6 +56,7 @@
 
 mod client;
 mod error;
+mod keepalive;
 mod lease;
 mod retry;
 mod session;
