@@ -190,6 +190,11 @@
 //! row, or put the fence on a row that every write of the resource updates in
 //! the same transaction. The tests model these statements with [`check`].
 //!
+//! For PostgreSQL, the `postgres` feature's `pg` module sends exactly these
+//! statements (`pg::FencedRow`), and the per-resource form (`PgGuard`: the
+//! fence row raised first in the caller's transaction), tested against a
+//! real server.
+//!
 //! # Example
 //!
 #![cfg_attr(feature = "sled", doc = "```")]

@@ -96,7 +96,9 @@ impl PgGuard {
     }
 
     /// The highest token accepted for `resource`, if any (a plain read: in a
-    /// transaction, as of its snapshot).
+    /// transaction, as of its snapshot). `client` is a `tokio_postgres`
+    /// client or transaction; from `deadpool-postgres`, pass `&**client` or
+    /// `&*tx`.
     pub async fn highest(
         &self,
         client: &impl GenericClient,

@@ -377,12 +377,13 @@ impl PgIdempotencyStore {
     /// (an attempt is reusing the expired key) are left alone. Expired keys
     /// already count as new in `execute`; this reclaims their space. Call it
     /// every few minutes from a background task.
-    pub async fn collect_expired(&self, now: SystemTime) -> Result<u64, IdempotencyError> {
+    pub async fn collect_expired(&self, now: SystemTime) -> Result<usize, IdempotencyError> {
         let retention = i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = sql_ms(now).saturating_sub(retention);
         let client = self.pool.get().await.map_err(PgError::from)?;
-        Ok(client
+        let deleted = client
             .execute_typed(COLLECT_SQL, &[(&cutoff, Type::INT8)])
-            .await?)
+            .await?;
+        Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
     }
 }

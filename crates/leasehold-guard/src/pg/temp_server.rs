@@ -85,7 +85,15 @@ impl TempPostgres {
     pub fn start_with(settings: &[(&str, &str)]) -> Result<Self, TempPostgresError> {
         let bin = find_bin()?;
         let as_postgres = running_as_root()?;
-        let dir = tempfile::Builder::new().prefix("leasehold-pg-").tempdir()?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("leasehold-pg-");
+        // The `postgres` user must reach the directory: under root's own
+        // TMPDIR (say /root/tmp) it could not, under /tmp it can.
+        let dir = if as_postgres {
+            builder.tempdir_in("/tmp")?
+        } else {
+            builder.tempdir()?
+        };
         if as_postgres {
             let (uid, gid) = postgres_user()?;
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
