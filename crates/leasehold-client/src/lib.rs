@@ -3,7 +3,7 @@
 //! Lock users get hurt in three places: retried grants (a lost reply, a
 //! retry, two leases), lost keepalives (the lease quietly ends while the
 //! worker keeps writing), and pauses (a GC or a stalled VM outlives the
-//! lease). This module handles all three by default:
+//! lease). This crate handles all three by default:
 //!
 //! - **Safe retries.** Each logical acquire draws one random `request_id`
 //!   and sends it on every retry, so the coordinator returns the same lease
@@ -53,6 +53,11 @@
 //!     })
 //!     .await?;
 //! # let _ = rows; Ok(()) }
+//! ```
+//!
+//! The example is `no_run` because it needs a coordinator; the
+//! coordinator's crate docs and `examples/worker.rs` run the same calls
+//! against a real one.
 
 mod client;
 mod error;
