@@ -86,7 +86,6 @@ pub use guard::{FencedRow, PgGuard};
 pub use idempotency::PgIdempotencyStore;
 pub use temp_server::{TempPostgres, TempPostgresError};
 
-#[allow(unused_imports)] // For the links in the docs.
 use crate::GuardError;
 
 /// The schema [`migrate`] applies: the fence table and the idempotency table.
