@@ -77,7 +77,11 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
 }
 
 /// The same scene with the store's data and fences in PostgreSQL; then the
-/// tables themselves are read, not only the store's answers.
+/// tables themselves are read, not only the store's answers. The
+/// `fenced_store` example must be built with the feature too:
+/// `cargo test --workspace --features postgres` does that, while
+/// `--test it` alone reuses whatever example binary is there (`cargo build
+/// --examples --features postgres` first).
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_cannot_overwrite_its_successor_in_postgres() {
