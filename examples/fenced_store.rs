@@ -3,7 +3,12 @@
 //!
 //! ```text
 //! fenced_store --listen 127.0.0.1:0 --data-dir DIR
+//! fenced_store --listen 127.0.0.1:0 --postgres postgres://user@host:port/db
 //! ```
+//!
+//! With `--postgres URL` (built with `--features postgres`) the data and the
+//! fences live in that PostgreSQL database instead of sled
+//! ([`leasehold_guard::pg::fenced_kv`]); the tables are created if missing.
 //!
 //! Once bound it prints exactly one line to stdout, `listening on ADDR`
 //! (with the real port when asked for port 0), and serves until SIGINT or
@@ -26,8 +31,16 @@ struct Args {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Directory of the sled database (created if missing).
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(
+        long,
+        required_unless_present = "postgres",
+        conflicts_with = "postgres"
+    )]
+    data_dir: Option<PathBuf>,
+    /// Keep the data and the fences in this PostgreSQL database instead
+    /// (`postgres://user@host:port/db`; needs the `postgres` feature).
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
 }
 
 #[tokio::main]
@@ -52,10 +65,30 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush().context("cannot flush stdout")?;
     drop(stdout);
 
-    leasehold_guard::fenced_kv::serve(listener, &args.data_dir, shutdown_signal())
+    match (args.postgres, args.data_dir) {
+        (Some(url), _) => serve_postgres(listener, &url).await,
+        (None, Some(data_dir)) => {
+            leasehold_guard::fenced_kv::serve(listener, &data_dir, shutdown_signal())
+                .await
+                .context("the fenced store failed")
+        }
+        (None, None) => unreachable!("clap requires --data-dir or --postgres"),
+    }
+}
+
+#[cfg(feature = "postgres")]
+async fn serve_postgres(listener: tokio::net::TcpListener, url: &str) -> anyhow::Result<()> {
+    leasehold_guard::pg::fenced_kv::serve(listener, url, shutdown_signal())
         .await
-        .context("the fenced store failed")?;
-    Ok(())
+        .context("the fenced store (PostgreSQL) failed")
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn serve_postgres(_: tokio::net::TcpListener, _: &str) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this fenced_store was built without PostgreSQL support: build it with \
+         `cargo build --example fenced_store --features postgres`"
+    )
 }
 
 /// Completes on SIGINT (ctrl-c) or SIGTERM.

@@ -2,6 +2,8 @@
 //! worker processes on loopback. Worker 1 is paused (SIGSTOP) between
 //! checking its lease and writing, past its TTL; worker 2 takes the lease and
 //! writes; worker 1 resumes and writes with its old token, and is rejected.
+//! The same scene runs over the store's two back ends: sled, and (feature
+//! `postgres`) a throwaway PostgreSQL holding the data and the fences.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -61,9 +63,7 @@ fn token_of(line: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_cannot_overwrite_its_successor() {
-    let coord_dir = tempfile::tempdir().unwrap();
     let store_dir = tempfile::tempdir().unwrap();
-    let coordinator = ServerProcess::spawn(coord_dir.path(), &[]);
     let store = ServerProcess::spawn_program(
         &example("fenced_store"),
         &[
@@ -73,6 +73,52 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
             store_dir.path().to_str().unwrap(),
         ],
     );
+    kleppmann(&store).await;
+}
+
+/// The same scene with the store's data and fences in PostgreSQL; then the
+/// tables themselves are read, not only the store's answers. The
+/// `fenced_store` example must be built with the feature too:
+/// `cargo test --workspace --features postgres` does that, while
+/// `--test it` alone reuses whatever example binary is there (`cargo build
+/// --examples --features postgres` first).
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_cannot_overwrite_its_successor_in_postgres() {
+    use leasehold_guard::pg::{self, PgGuard, TempPostgres};
+
+    let postgres = TempPostgres::shared().unwrap_or_else(|e| panic!("{e}"));
+    let url = postgres
+        .create_database("kleppmann")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", postgres.log()));
+    let store = ServerProcess::spawn_program(
+        &example("fenced_store"),
+        &["--listen", "127.0.0.1:0", "--postgres", &url],
+    );
+    let (_, n2) = kleppmann(&store).await;
+
+    let pool = pg::pool(&url, 1).unwrap();
+    let client = pool.get().await.unwrap();
+    assert_eq!(
+        PgGuard.highest(&**client, "orders").await.unwrap(),
+        Some(n2)
+    );
+    let row = client
+        .query_one(
+            "SELECT token, value FROM fenced_kv_data WHERE key = 'invoice-7'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), n2 as i64);
+    assert_eq!(row.get::<_, Vec<u8>>(1), b"from worker 2");
+}
+
+/// Kleppmann's figure against `store`; returns the two workers' tokens.
+async fn kleppmann(store: &ServerProcess) -> (u64, u64) {
+    let coord_dir = tempfile::tempdir().unwrap();
+    let coordinator = ServerProcess::spawn(coord_dir.path(), &[]);
 
     // Worker 1 acquires, checks its lease, and is paused before it writes.
     // The pause is long enough that the SIGSTOP below lands inside it even
@@ -113,4 +159,5 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
         .into_inner();
     assert_eq!(got.value, b"from worker 2");
     assert_eq!(got.token, n2);
+    (n, n2)
 }

@@ -9,6 +9,9 @@
 //! highest one: a paused worker whose lease expired cannot overwrite the
 //! work of the worker that took over.
 //!
+//! With the `postgres` feature, [`crate::pg::fenced_kv`] serves the same
+//! contract with the data and the fences in PostgreSQL.
+//!
 //! It serves as a demonstration, a test fixture (`examples/fenced_store.rs`
 //! wraps it in a binary), and a template for real storage services.
 //!
@@ -150,6 +153,8 @@ fn status(e: GuardError) -> Status {
             "{e}; the write was not acknowledged: retry it with the same token"
         )),
         GuardError::Corrupt { .. } | GuardError::Storage(_) => Status::internal(e.to_string()),
+        #[cfg(feature = "postgres")]
+        GuardError::Postgres(pg) => crate::pg::fenced_kv::status(pg),
     }
 }
 
@@ -160,7 +165,7 @@ fn encode(token: u64, value: &[u8]) -> Vec<u8> {
     stored
 }
 
-fn check_key(key: &str) -> Result<(), Status> {
+pub(crate) fn check_key(key: &str) -> Result<(), Status> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(Status::invalid_argument(format!(
             "key is {} bytes long; keys must be 1..={MAX_KEY_LEN} bytes",

@@ -74,9 +74,14 @@
 //! every few minutes) from a background task. Time comes from a [`Clock`],
 //! so tests move it instead of sleeping.
 //!
+//! The same rules hold for keys kept in PostgreSQL
+//! ([`crate::pg::PgIdempotencyStore`], feature `postgres`), which shares
+//! this module's types.
+//!
 //! # Example
 //!
-//! ```
+#![cfg_attr(feature = "sled", doc = "```")]
+#![cfg_attr(not(feature = "sled"), doc = "```ignore")]
 //! use leasehold_guard::idempotency::{Effect, IdempotencyStore};
 //! use std::convert::Infallible;
 //!
@@ -93,16 +98,19 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "sled")]
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+#[cfg(feature = "sled")]
 use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+#[cfg(feature = "sled")]
 use crate::{FlushError, GroupFlusher};
 
 /// The default name of the tree holding the records.
@@ -244,11 +252,17 @@ pub enum IdempotencyError<E = Infallible> {
     #[error("the outcome cannot be converted to or from JSON: {0}")]
     Encoding(#[source] serde_json::Error),
     /// sled failed.
+    #[cfg(feature = "sled")]
     #[error("storage error in the idempotency store: {0}; check the disk and the data directory")]
     Storage(#[from] sled::Error),
     /// A record could not be flushed.
+    #[cfg(feature = "sled")]
     #[error(transparent)]
     Flush(#[from] FlushError),
+    /// PostgreSQL failed ([`crate::pg::PgIdempotencyStore`]).
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] crate::pg::PgError),
 }
 
 impl<E> IdempotencyError<E> {
@@ -268,19 +282,77 @@ impl<E> IdempotencyError<E> {
             NotInterrupted { key } => NotInterrupted { key },
             Corrupt { key, reason } => Corrupt { key, reason },
             Encoding(e) => Encoding(e),
+            #[cfg(feature = "sled")]
             Storage(e) => Storage(e),
+            #[cfg(feature = "sled")]
             Flush(e) => Flush(e),
+            #[cfg(feature = "postgres")]
+            Postgres(e) => Postgres(e),
         }
     }
 }
 
+/// The error of a typed side effect while it runs as a bytes one
+/// (`execute_json`): its own, or the JSON encoding's.
+pub(crate) enum JsonFailure<E> {
+    User(E),
+    Json(serde_json::Error),
+}
+
+/// A typed side effect as a bytes one: a final outcome is encoded as JSON.
+/// An outcome that cannot be encoded has still happened, so it counts as
+/// [`Effect::Unknown`] (the key stays started).
+pub(crate) async fn as_json_effect<T: Serialize, E>(
+    effect: impl Future<Output = Effect<E, T>>,
+) -> Effect<JsonFailure<E>> {
+    match effect.await {
+        Effect::Final(value) => match serde_json::to_vec(&value) {
+            Ok(bytes) => Effect::Final(bytes),
+            Err(e) => Effect::Unknown(JsonFailure::Json(e)),
+        },
+        Effect::Retryable(e) => Effect::Retryable(JsonFailure::User(e)),
+        Effect::Unknown(e) => Effect::Unknown(JsonFailure::User(e)),
+    }
+}
+
+/// The typed result of an execution whose side effect was [`as_json_effect`].
+pub(crate) fn from_json_result<T: DeserializeOwned, E>(
+    result: Result<Executed, IdempotencyError<JsonFailure<E>>>,
+) -> Result<Executed<T>, IdempotencyError<E>> {
+    let executed = match result {
+        Ok(executed) => executed,
+        Err(IdempotencyError::OutcomeUnknown {
+            error: JsonFailure::Json(e),
+            ..
+        }) => return Err(IdempotencyError::Encoding(e)),
+        Err(e) => {
+            return Err(e.map(|e| match e {
+                JsonFailure::User(e) => e,
+                // Only `OutcomeUnknown` carries a JSON error, handled above.
+                JsonFailure::Json(_) => unreachable!("JSON errors are only reported as unknown"),
+            }));
+        }
+    };
+    let outcome = serde_json::from_slice(&executed.outcome).map_err(IdempotencyError::Encoding)?;
+    Ok(Executed {
+        outcome,
+        replayed: executed.replayed,
+        recorded_at: executed.recorded_at,
+    })
+}
+
 // Record layout: version (1), state (1), time in unix ms (8, BE),
 // fingerprint length (4, BE), fingerprint, outcome (the rest).
+#[cfg(feature = "sled")]
 const VERSION: u8 = 1;
+#[cfg(feature = "sled")]
 const STARTED: u8 = 0;
+#[cfg(feature = "sled")]
 const COMPLETED: u8 = 1;
+#[cfg(feature = "sled")]
 const HEADER: usize = 14;
 
+#[cfg(feature = "sled")]
 struct Record<'a> {
     completed: bool,
     at_ms: u64,
@@ -288,6 +360,7 @@ struct Record<'a> {
     outcome: &'a [u8],
 }
 
+#[cfg(feature = "sled")]
 fn encode(state: u8, at_ms: u64, fingerprint: &[u8], outcome: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + fingerprint.len() + outcome.len());
     out.push(VERSION);
@@ -300,6 +373,7 @@ fn encode(state: u8, at_ms: u64, fingerprint: &[u8], outcome: &[u8]) -> Vec<u8> 
     out
 }
 
+#[cfg(feature = "sled")]
 fn decode(bytes: &[u8]) -> Result<Record<'_>, &'static str> {
     let header = bytes.get(..HEADER).ok_or("shorter than its header")?;
     if header[0] != VERSION {
@@ -326,17 +400,17 @@ fn decode(bytes: &[u8]) -> Result<Record<'_>, &'static str> {
     })
 }
 
-fn to_ms(t: SystemTime) -> u64 {
+pub(crate) fn to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
-fn from_ms(ms: u64) -> SystemTime {
+pub(crate) fn from_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-fn check_key<E>(key: &str) -> Result<(), IdempotencyError<E>> {
+pub(crate) fn check_key<E>(key: &str) -> Result<(), IdempotencyError<E>> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
         return Err(IdempotencyError::InvalidKey {
             reason: format!(
@@ -350,11 +424,13 @@ fn check_key<E>(key: &str) -> Result<(), IdempotencyError<E>> {
 
 /// Removes its key from the in-flight set when dropped, also when the
 /// `execute` future is cancelled.
+#[cfg(feature = "sled")]
 struct Claim<'a> {
     in_flight: &'a Mutex<HashSet<Box<str>>>,
     key: &'a str,
 }
 
+#[cfg(feature = "sled")]
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
         self.in_flight.lock().remove(self.key);
@@ -365,6 +441,7 @@ impl Drop for Claim<'_> {
 ///
 /// Cheap to clone; clones share the in-flight set, so concurrent tasks may
 /// each hold one.
+#[cfg(feature = "sled")]
 #[derive(Clone)]
 pub struct IdempotencyStore {
     tree: sled::Tree,
@@ -374,6 +451,7 @@ pub struct IdempotencyStore {
     clock: Clock,
 }
 
+#[cfg(feature = "sled")]
 impl std::fmt::Debug for IdempotencyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IdempotencyStore")
@@ -383,6 +461,7 @@ impl std::fmt::Debug for IdempotencyStore {
     }
 }
 
+#[cfg(feature = "sled")]
 impl IdempotencyStore {
     /// Opens the store in `db`'s [`DEFAULT_TREE`], with its own flusher
     /// thread, [`DEFAULT_RETENTION`] and the system clock.
@@ -532,43 +611,10 @@ impl IdempotencyStore {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Effect<E, T>>,
     {
-        enum Either<E> {
-            User(E),
-            Json(serde_json::Error),
-        }
         let result = self
-            .execute(key, fingerprint, || async move {
-                match side_effect().await {
-                    Effect::Final(value) => match serde_json::to_vec(&value) {
-                        Ok(bytes) => Effect::Final(bytes),
-                        Err(e) => Effect::Unknown(Either::Json(e)),
-                    },
-                    Effect::Retryable(e) => Effect::Retryable(Either::User(e)),
-                    Effect::Unknown(e) => Effect::Unknown(Either::User(e)),
-                }
-            })
+            .execute(key, fingerprint, || as_json_effect(side_effect()))
             .await;
-        let executed = match result {
-            Ok(executed) => executed,
-            Err(IdempotencyError::OutcomeUnknown {
-                error: Either::Json(e),
-                ..
-            }) => return Err(IdempotencyError::Encoding(e)),
-            Err(e) => {
-                return Err(e.map(|e| match e {
-                    Either::User(e) => e,
-                    // Only `OutcomeUnknown` carries a JSON error, handled above.
-                    Either::Json(_) => unreachable!("JSON errors are only reported as unknown"),
-                }));
-            }
-        };
-        let outcome =
-            serde_json::from_slice(&executed.outcome).map_err(IdempotencyError::Encoding)?;
-        Ok(Executed {
-            outcome,
-            replayed: executed.replayed,
-            recorded_at: executed.recorded_at,
-        })
+        from_json_result(result)
     }
 
     /// Settles a key left [`IdempotencyError::Interrupted`], once the caller
@@ -645,7 +691,7 @@ impl IdempotencyStore {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sled"))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

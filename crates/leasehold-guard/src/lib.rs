@@ -15,6 +15,7 @@
 //! | [`MemoryGuard`] | marks in memory | always |
 //! | [`SledGuard`], [`GroupFlusher`] | marks in sled beside the data; one thread that makes sled's writes durable for everyone | `sled` (default) |
 //! | [`idempotency`] | Stripe-style idempotency keys on sled | `sled` (default) |
+//! | [`pg`]: [`PgGuard`], [`pg::PgIdempotencyStore`] | the fence and idempotency keys inside PostgreSQL transactions | `postgres` |
 //! | [`fencing`] | reading the fence from gRPC metadata or HTTP headers (the `leasehold-fence` crate) | `grpc` for metadata |
 //! | `fenced_kv` | a small fenced key-value gRPC service built from the above | `grpc` |
 //!
@@ -189,6 +190,11 @@
 //! row, or put the fence on a row that every write of the resource updates in
 //! the same transaction. The tests model these statements with [`check`].
 //!
+//! For PostgreSQL, the `postgres` feature's `pg` module sends exactly these
+//! statements (`pg::FencedRow`), and the per-resource form (`PgGuard`: the
+//! fence row raised first in the caller's transaction), tested against a
+//! real server.
+//!
 //! # Example
 //!
 #![cfg_attr(feature = "sled", doc = "```")]
@@ -225,8 +231,10 @@ mod rule;
 
 #[cfg(feature = "sled")]
 mod flusher;
-#[cfg(feature = "sled")]
+#[cfg(any(feature = "sled", feature = "postgres"))]
 pub mod idempotency;
+#[cfg(feature = "postgres")]
+pub mod pg;
 #[cfg(feature = "sled")]
 mod sled_guard;
 
@@ -242,6 +250,8 @@ pub use rule::{check, Admitted, GuardError, Stale};
 
 #[cfg(feature = "sled")]
 pub use flusher::{FlushError, GroupFlusher};
+#[cfg(feature = "postgres")]
+pub use pg::PgGuard;
 #[cfg(feature = "sled")]
 pub use sled_guard::{SledGuard, TxResult, DEFAULT_TREE};
 

@@ -110,6 +110,11 @@ pub enum GuardError<E = Infallible> {
     #[cfg(feature = "sled")]
     #[error(transparent)]
     Flush(#[from] FlushError),
+    /// PostgreSQL refused the input or failed ([`crate::pg::PgGuard`]);
+    /// nothing was written.
+    #[cfg(feature = "postgres")]
+    #[error(transparent)]
+    Postgres(#[from] crate::pg::PgError),
 }
 
 #[cfg(feature = "sled")]
