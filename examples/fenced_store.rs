@@ -76,19 +76,10 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-#[cfg(feature = "postgres")]
 async fn serve_postgres(listener: tokio::net::TcpListener, url: &str) -> anyhow::Result<()> {
     leasehold_guard::pg::fenced_kv::serve(listener, url, shutdown_signal())
         .await
         .context("the fenced store (PostgreSQL) failed")
-}
-
-#[cfg(not(feature = "postgres"))]
-async fn serve_postgres(_: tokio::net::TcpListener, _: &str) -> anyhow::Result<()> {
-    anyhow::bail!(
-        "this fenced_store was built without PostgreSQL support: build it with \
-         `cargo build --example fenced_store --features postgres`"
-    )
 }
 
 /// Completes on SIGINT (ctrl-c) or SIGTERM.

@@ -2,8 +2,8 @@
 //! worker processes on loopback. Worker 1 is paused (SIGSTOP) between
 //! checking its lease and writing, past its TTL; worker 2 takes the lease and
 //! writes; worker 1 resumes and writes with its old token, and is rejected.
-//! The same scene runs over the store's two back ends: sled, and (feature
-//! `postgres`) a throwaway PostgreSQL holding the data and the fences.
+//! The same scene runs over the store's two back ends: sled, and a
+//! throwaway PostgreSQL holding the data and the fences.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -77,12 +77,7 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
 }
 
 /// The same scene with the store's data and fences in PostgreSQL; then the
-/// tables themselves are read, not only the store's answers. The
-/// `fenced_store` example must be built with the feature too:
-/// `cargo test --workspace --features postgres` does that, while
-/// `--test it` alone reuses whatever example binary is there (`cargo build
-/// --examples --features postgres` first).
-#[cfg(feature = "postgres")]
+/// tables themselves are read, not only the store's answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_cannot_overwrite_its_successor_in_postgres() {
     use leasehold_guard::pg::{self, PgGuard, TempPostgres};
