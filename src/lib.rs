@@ -13,6 +13,7 @@
 //! - [`wal`]: the store's write-ahead log; one synchronous write per batch.
 //! - [`commit`]: group commit; one writer at a time, one write per batch.
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
+//! - [`keys`]: the signing keys (a pure key set, its file); fences are signed with them.
 //! - [`service`]: the gRPC edge; errors become statuses here.
 //! - [`admin`]: the operator API (list, revoke, watch, history, stats).
 //! - [`auth`]: the admin bearer token, checked in constant time.
@@ -75,6 +76,7 @@ pub mod bench;
 pub mod cli;
 pub mod commit;
 pub mod coordinator;
+pub mod keys;
 pub mod lease;
 pub mod server;
 pub mod service;

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::auth::AdminToken;
 use crate::coordinator::Config;
+use crate::keys::KeyOptions;
 use crate::lease::Bounds;
 use crate::server::{self, ServerConfig};
 use crate::state::Limits;
@@ -70,6 +71,14 @@ pub struct ServeArgs {
     /// (anyone who can connect may revoke leases).
     #[arg(long)]
     pub insecure_admin: bool,
+    /// The signing key file (default DATA_DIR/signing-keys); created with a
+    /// new key only when the data directory is new.
+    #[arg(long, env = "LEASEHOLD_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Create the signing key file if it is missing even though the data
+    /// directory is not new (storage must then be given the new public key).
+    #[arg(long)]
+    pub create_signing_key: bool,
 }
 
 impl ServeArgs {
@@ -113,6 +122,10 @@ impl ServeArgs {
                 max_streams_per_connection: self.max_streams_per_connection,
             },
             data_dir: self.data_dir.clone(),
+            keys: KeyOptions {
+                path: self.signing_key.clone(),
+                create: self.create_signing_key,
+            },
             coordinator: Config {
                 bounds: Bounds {
                     min_ttl: self.min_ttl,
@@ -137,14 +150,14 @@ impl ServeArgs {
 /// Binds, serves, and returns the exit code once shut down.
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     let config = args.config()?;
-    let coordinator = server::open(&config)?;
+    let opened = server::open(&config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     // Tests and scripts read this line to learn the port of `--listen
     // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
-    server::serve(listener, config, coordinator, shutdown_signal()).await?;
+    server::serve(listener, config, opened, shutdown_signal()).await?;
     Ok(0)
 }
 

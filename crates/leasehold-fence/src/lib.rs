@@ -34,6 +34,10 @@
 //!   metadata, and the interceptors below. Without it the crate needs no
 //!   gRPC at all: [`Fence::parse`] and [`Fence::header_values`] are the
 //!   HTTP side.
+//! - `signed` (off by default): signed fences (the `signed` module):
+//!   the coordinator signs each lease's fence with Ed25519 and storage
+//!   verifies it offline, so no client can forge a token or use one on
+//!   another resource. Pulls in `ed25519-dalek` and `sha2`.
 //!
 //! # Server side (`grpc`)
 //!
@@ -68,6 +72,9 @@ handler(req)?;
 //!
 //! `attach` or `Fence::attach_to` (`grpc`) add the metadata to a request;
 //! [`Fence::header_values`] gives the HTTP header values.
+
+#[cfg(feature = "signed")]
+pub mod signed;
 
 use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, CONTROLS};
 #[cfg(feature = "grpc")]

@@ -1,4 +1,3 @@
-
 //! The guards' tests: the rule, both backends, and the flusher.
 
 use super::*;
