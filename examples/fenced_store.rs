@@ -2,8 +2,17 @@
 //! process, for demos and for the crash tests.
 //!
 //! ```text
-//! fenced_store --listen 127.0.0.1:0 --data-dir DIR
+//! fenced_store --listen 127.0.0.1:0 --data-dir DIR [--verify-key FILE|URL]
 //! ```
+//!
+//! With `--verify-key`, Put accepts only writes carrying the lease's signed
+//! fence (`leasehold-fence-bin`), verified offline with the coordinator's
+//! public keys, and writes with the token inside it. The value is either a
+//! key file (`leasehold keys export > keys.pub`; read at start) or the
+//! coordinator's URL (`http://…` / `https://…`), whose `PublicKeys` are
+//! fetched **once at start**: after a `leasehold keys rotate`, restart the
+//! store (or re-export the file) before the new key's fences arrive, or
+//! they are refused as signed by an unknown key.
 //!
 //! Once bound it prints exactly one line to stdout, `listening on ADDR`
 //! (with the real port when asked for port 0), and serves until SIGINT or
@@ -16,6 +25,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use leasehold::cli::common::ConnectArgs;
+use leasehold_fence::signed::FenceVerifier;
+use leasehold_guard::fenced_kv::FencedKvService;
 use tracing_subscriber::EnvFilter;
 
 /// A key-value store that refuses writes carrying stale fencing tokens.
@@ -28,6 +40,29 @@ struct Args {
     /// Directory of the sled database (created if missing).
     #[arg(long)]
     data_dir: PathBuf,
+    /// Require signed fences, verified with these public keys: a key file
+    /// (`leasehold keys export`) or the coordinator's URL (fetched once).
+    #[arg(long)]
+    verify_key: Option<String>,
+}
+
+/// The verifier `--verify-key` names: a coordinator URL or a key file.
+async fn verifier(source: &str) -> anyhow::Result<FenceVerifier> {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let connect = ConnectArgs {
+            server: source.to_owned(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        };
+        let keys = leasehold::cli::keys::fetch(&connect)
+            .await
+            .with_context(|| format!("cannot fetch the public keys from {source}"))?;
+        return leasehold::cli::keys::verifier(&keys);
+    }
+    let text = std::fs::read_to_string(source)
+        .with_context(|| format!("cannot read the key file {source}"))?;
+    FenceVerifier::from_key_file(&text).with_context(|| format!("the key file {source}"))
 }
 
 #[tokio::main]
@@ -39,6 +74,22 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+
+    let mut service = FencedKvService::open(&args.data_dir)
+        .with_context(|| format!("cannot open the store in {}", args.data_dir.display()))?;
+    if let Some(source) = &args.verify_key {
+        let verifier = verifier(source).await?;
+        anyhow::ensure!(
+            !verifier.is_empty(),
+            "--verify-key {source} holds no key: every write would be refused"
+        );
+        let ids: Vec<String> = verifier
+            .keys()
+            .map(|(k, s)| format!("{} ({})", k.id(), s.as_str()))
+            .collect();
+        tracing::info!(keys = %ids.join(", "), "writes need signed fences");
+        service = service.with_verifier(verifier);
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -52,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush().context("cannot flush stdout")?;
     drop(stdout);
 
-    leasehold_guard::fenced_kv::serve(listener, &args.data_dir, shutdown_signal())
+    leasehold_guard::fenced_kv::serve_service(listener, service, shutdown_signal())
         .await
         .context("the fenced store failed")?;
     Ok(())

@@ -65,6 +65,7 @@ pub struct Grant {
     resource: String,
     lease_id: String,
     token: u64,
+    signed_fence: Vec<u8>,
     ttl: Duration,
     valid_until: Instant,
 }
@@ -117,6 +118,20 @@ impl Grant {
     /// The (resource, token) pair storage checks; see [`leasehold_fence`].
     pub fn fence(&self) -> Result<Fence, FenceError> {
         Fence::new(self.resource.clone(), self.token)
+    }
+
+    /// The coordinator's signed fence for this grant (`Lease.signed_fence`),
+    /// or `None` if the coordinator does not sign fences.
+    pub fn signed_fence(&self) -> Option<&[u8]> {
+        Some(self.signed_fence.as_slice()).filter(|f| !f.is_empty())
+    }
+
+    /// Attaches this grant's fence to an outgoing gRPC request: resource,
+    /// token and, when the coordinator signed one, the signed fence.
+    pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
+        leasehold_fence::attach(req, &self.resource, self.token)?;
+        leasehold_fence::attach_signed(req, &self.signed_fence);
+        Ok(())
     }
 }
 
@@ -327,6 +342,7 @@ fn grant_with_id(l: proto::Lease, lease_id: String, sent_at: Instant, margin: Du
         resource: l.resource,
         lease_id,
         token: l.token,
+        signed_fence: l.signed_fence,
         ttl: Duration::from_millis(l.ttl_ms),
         valid_until: sent_at + left,
     }

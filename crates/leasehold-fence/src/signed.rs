@@ -68,6 +68,10 @@ use std::str::FromStr;
 use base64::Engine as _;
 use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
+#[cfg(feature = "grpc")]
+use tonic::metadata::MetadataMap;
+#[cfg(feature = "grpc")]
+use tonic::Request;
 
 /// The format version this crate writes and reads.
 pub const SIGNED_FENCE_VERSION: u8 = 1;
@@ -419,6 +423,75 @@ impl SignedFence {
     }
 }
 
+#[cfg(feature = "grpc")]
+impl SignedFence {
+    /// The signed fence in `metadata` (`leasehold-fence-bin`), if any.
+    pub fn from_metadata(metadata: &MetadataMap) -> Result<Option<Self>, SignedFenceError> {
+        let mut values = metadata.get_all_bin(SIGNED_METADATA_KEY).iter();
+        let Some(first) = values.next() else {
+            return Ok(None);
+        };
+        if values.next().is_some() {
+            return Err(SignedFenceError::Repeated);
+        }
+        let bytes = first
+            .to_bytes()
+            .map_err(|e| SignedFenceError::Encoding(e.to_string()))?;
+        Self::from_bytes(&bytes).map(Some)
+    }
+
+    /// Adds this fence to `req` as `leasehold-fence-bin`, replacing any
+    /// there. Send it beside the plain fence ([`crate::attach`]).
+    pub fn attach_to<T>(&self, req: &mut Request<T>) {
+        crate::attach_signed(req, self.as_bytes());
+    }
+}
+
+/// The storage side of a gRPC request with keys: verifies the request's
+/// signed fence for `resource` (the request's `leasehold-resource`), checks
+/// that the plain token, if the request sent one, is the signed one, and
+/// returns the verified values. Use `verified.token`, never the plain one.
+#[cfg(feature = "grpc")]
+pub fn verify_metadata(
+    metadata: &MetadataMap,
+    resource: &str,
+    plain_token: Option<u64>,
+    verifier: &FenceVerifier,
+) -> Result<VerifiedFence, SignedFenceError> {
+    let fence = SignedFence::from_metadata(metadata)?.ok_or(SignedFenceError::Missing)?;
+    let verified = verifier.verify_fence(&fence, resource)?;
+    match plain_token {
+        Some(plain) if plain != verified.token => Err(SignedFenceError::TokenMismatch {
+            plain,
+            signed: verified.token,
+        }),
+        _ => Ok(verified),
+    }
+}
+
+#[cfg(feature = "grpc")]
+impl From<SignedFenceError> for tonic::Status {
+    /// Malformed fences are INVALID_ARGUMENT; fences that are well-formed
+    /// but not to be trusted (forged, altered, another resource, an unknown
+    /// or retired key, a disagreeing plain token) are PERMISSION_DENIED.
+    fn from(e: SignedFenceError) -> Self {
+        use SignedFenceError as E;
+        match e {
+            E::Missing
+            | E::Repeated
+            | E::Encoding(_)
+            | E::Truncated { .. }
+            | E::Oversized { .. }
+            | E::UnknownVersion { .. } => tonic::Status::invalid_argument(e.to_string()),
+            E::UnknownKey { .. }
+            | E::RetiredKey { .. }
+            | E::BadSignature { .. }
+            | E::WrongResource { .. }
+            | E::TokenMismatch { .. } => tonic::Status::permission_denied(e.to_string()),
+        }
+    }
+}
+
 /// What a verified fence says: trustworthy, since the coordinator signed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VerifiedFence {
@@ -452,17 +525,104 @@ impl KeyStatus {
 /// Storage's side: the coordinator's public keys, and the check of a
 /// signed fence against the resource a write is for. Entirely offline.
 ///
-/// Cheap to clone for a handful of keys; look-up is a scan (a coordinator
-/// has one signing key and, during a rotation, a few more).
-#[derive(Debug, Clone, Default)]
+/// Look-up is a scan (a coordinator has one signing key and, during a
+/// rotation, a few more). An Ed25519 verification costs tens of
+/// microseconds, so fences that verified are remembered (exact bytes and
+/// resource, up to [`CACHE_ENTRIES`]): a lease's later writes, which send
+/// the same fence, cost a hash look-up. Only fences that passed every check
+/// under this verifier's keys are remembered, and changing the keys
+/// ([`FenceVerifier::insert`]) forgets them all, so a cached answer is the
+/// answer a full check would give. A clone starts with an empty cache.
+#[derive(Debug)]
 pub struct FenceVerifier {
     keys: Vec<(PublicKey, KeyStatus)>,
+    cache: Option<Cache>,
+}
+
+impl Default for FenceVerifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clone for FenceVerifier {
+    fn clone(&self) -> Self {
+        FenceVerifier {
+            keys: self.keys.clone(),
+            cache: self.cache.as_ref().map(|_| Cache::new()),
+        }
+    }
+}
+
+/// Most verified fences a [`FenceVerifier`] remembers.
+pub const CACHE_ENTRIES: usize = 8192;
+const CACHE_SHARDS: usize = 16;
+
+type Remembered = std::collections::HashMap<[u8; SIGNED_FENCE_LEN], (Box<str>, VerifiedFence)>;
+
+/// Fences that verified, in shards; a full shard is emptied (bounded, and
+/// a live lease's fence is back after its next write).
+struct Cache {
+    shards: Box<[std::sync::Mutex<Remembered>]>,
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cache")
+    }
+}
+
+impl Cache {
+    fn new() -> Self {
+        Cache {
+            shards: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn shard(&self, fence: &SignedFence) -> std::sync::MutexGuard<'_, Remembered> {
+        // The signature's last byte: uniformly spread for genuine fences.
+        let i = fence.0[SIGNED_FENCE_LEN - 1] as usize % CACHE_SHARDS;
+        // A panic while holding a shard cannot leave it inconsistent.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, fence: &SignedFence, resource: &str) -> Option<VerifiedFence> {
+        match self.shard(fence).get(&fence.0) {
+            Some((r, verified)) if **r == *resource => Some(*verified),
+            _ => None,
+        }
+    }
+
+    fn put(&self, fence: &SignedFence, resource: &str, verified: VerifiedFence) {
+        let mut shard = self.shard(fence);
+        if shard.len() >= CACHE_ENTRIES / CACHE_SHARDS {
+            shard.clear();
+        }
+        shard.insert(fence.0, (resource.into(), verified));
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
 }
 
 impl FenceVerifier {
-    /// A verifier that knows no key yet (it refuses every fence).
+    /// A verifier that knows no key yet (it refuses every fence), with a
+    /// cache of verified fences.
     pub fn new() -> Self {
-        Self::default()
+        FenceVerifier {
+            keys: Vec::new(),
+            cache: Some(Cache::new()),
+        }
+    }
+
+    /// The same verifier without the cache: every fence pays the full
+    /// Ed25519 check (to measure it, or to save the cache's memory).
+    pub fn uncached(mut self) -> Self {
+        self.cache = None;
+        self
     }
 
     /// Adds `key` (replacing a key with the same id), builder style.
@@ -471,10 +631,14 @@ impl FenceVerifier {
         self
     }
 
-    /// Adds `key`, replacing a key with the same id.
+    /// Adds `key`, replacing a key with the same id, and forgets every
+    /// fence verified so far.
     pub fn insert(&mut self, key: PublicKey, status: KeyStatus) {
         self.keys.retain(|(k, _)| k.id != key.id);
         self.keys.push((key, status));
+        if let Some(cache) = &self.cache {
+            cache.clear();
+        }
     }
 
     /// The keys, in the order they were added.
@@ -495,6 +659,23 @@ impl FenceVerifier {
     /// Verifies `fence` for a write to `resource`: a known, unretired key,
     /// a valid signature, then the resource. Returns the signed values.
     pub fn verify_fence(
+        &self,
+        fence: &SignedFence,
+        resource: &str,
+    ) -> Result<VerifiedFence, SignedFenceError> {
+        let Some(cache) = &self.cache else {
+            return self.check(fence, resource);
+        };
+        if let Some(verified) = cache.get(fence, resource) {
+            return Ok(verified);
+        }
+        let verified = self.check(fence, resource)?;
+        cache.put(fence, resource, verified);
+        Ok(verified)
+    }
+
+    /// The full check, without the cache.
+    fn check(
         &self,
         fence: &SignedFence,
         resource: &str,
@@ -600,6 +781,47 @@ mod tests {
 
     fn signer(seed: u8) -> FenceSigner {
         FenceSigner::from_secret(&[seed; 32])
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_full_check_would() {
+        let (a, b) = (signer(1), signer(2));
+        let mut v = verifier(&[(&a, KeyStatus::Active)]);
+        let fence = a.sign("r", 5, 9);
+        for _ in 0..3 {
+            assert_eq!(v.verify(fence.as_bytes(), "r").unwrap().token, 5);
+            // A remembered fence is still refused on another resource.
+            assert!(matches!(
+                v.verify(fence.as_bytes(), "s"),
+                Err(SignedFenceError::WrongResource { .. })
+            ));
+        }
+        // A clone with the key retired does not see the original's cache.
+        let retired = v.clone().with_key(a.public_key(), KeyStatus::Retired);
+        assert_eq!(
+            retired.verify(fence.as_bytes(), "r"),
+            Err(SignedFenceError::RetiredKey { key_id: a.id() })
+        );
+        // Retiring in place forgets what was verified.
+        v.insert(a.public_key(), KeyStatus::Retired);
+        assert_eq!(
+            v.verify(fence.as_bytes(), "r"),
+            Err(SignedFenceError::RetiredKey { key_id: a.id() })
+        );
+        // The cache stays bounded.
+        let v = verifier(&[(&b, KeyStatus::Active)]);
+        for t in 0..(CACHE_ENTRIES as u64 + 100) / 8 {
+            v.verify(b.sign("r", t, 0).as_bytes(), "r").unwrap();
+        }
+        let cached: usize = v
+            .cache
+            .as_ref()
+            .unwrap()
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap().len())
+            .sum();
+        assert!(cached <= CACHE_ENTRIES, "{cached}");
     }
 
     fn verifier(signers: &[(&FenceSigner, KeyStatus)]) -> FenceVerifier {
@@ -801,6 +1023,58 @@ mod tests {
             PublicKey::from_bytes(&weak),
             Err(KeyError::BadKey(_))
         ));
+    }
+
+    #[cfg(feature = "grpc")]
+    use tonic::metadata::BinaryMetadataValue;
+
+    #[cfg(feature = "grpc")]
+    #[test]
+    fn metadata_carries_the_fence_and_the_plain_token_must_agree() {
+        let s = signer(4);
+        let v = verifier(&[(&s, KeyStatus::Active)]);
+        let fence = s.sign("r", 12, 0);
+        let mut req = Request::new(());
+        crate::attach(&mut req, "r", 12).unwrap();
+        fence.attach_to(&mut req);
+        let md = req.metadata();
+        assert_eq!(verify_metadata(md, "r", Some(12), &v).unwrap().token, 12);
+        assert_eq!(verify_metadata(md, "r", None, &v).unwrap().token, 12);
+        assert_eq!(
+            verify_metadata(md, "r", Some(13), &v),
+            Err(SignedFenceError::TokenMismatch {
+                plain: 13,
+                signed: 12
+            })
+        );
+        assert_eq!(
+            verify_metadata(&MetadataMap::new(), "r", Some(12), &v),
+            Err(SignedFenceError::Missing)
+        );
+        let mut twice = Request::new(());
+        twice.metadata_mut().append_bin(
+            SIGNED_METADATA_KEY,
+            BinaryMetadataValue::from_bytes(fence.as_bytes()),
+        );
+        twice.metadata_mut().append_bin(
+            SIGNED_METADATA_KEY,
+            BinaryMetadataValue::from_bytes(fence.as_bytes()),
+        );
+        assert_eq!(
+            verify_metadata(twice.metadata(), "r", None, &v),
+            Err(SignedFenceError::Repeated)
+        );
+        let codes: Vec<tonic::Code> = [
+            SignedFenceError::Truncated { len: 3 },
+            SignedFenceError::BadSignature { key_id: s.id() },
+        ]
+        .into_iter()
+        .map(|e| tonic::Status::from(e).code())
+        .collect();
+        assert_eq!(
+            codes,
+            vec![tonic::Code::InvalidArgument, tonic::Code::PermissionDenied]
+        );
     }
 
     proptest! {
