@@ -2,6 +2,8 @@
 //! worker processes on loopback. Worker 1 is paused (SIGSTOP) between
 //! checking its lease and writing, past its TTL; worker 2 takes the lease and
 //! writes; worker 1 resumes and writes with its old token, and is rejected.
+//! Run twice: with plain fences, and with the store verifying the
+//! coordinator's signed fences (`fenced_store --verify-key URL`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -61,18 +63,30 @@ fn token_of(line: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_cannot_overwrite_its_successor() {
+    paused_worker_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_cannot_overwrite_its_successor_with_signed_fences() {
+    paused_worker_scenario(true).await;
+}
+
+async fn paused_worker_scenario(signed: bool) {
     let coord_dir = tempfile::tempdir().unwrap();
     let store_dir = tempfile::tempdir().unwrap();
     let coordinator = ServerProcess::spawn(coord_dir.path(), &[]);
-    let store = ServerProcess::spawn_program(
-        &example("fenced_store"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            store_dir.path().to_str().unwrap(),
-        ],
-    );
+    let coordinator_url = coordinator.url();
+    let mut store_args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        store_dir.path().to_str().unwrap(),
+    ];
+    if signed {
+        // The store fetches the coordinator's public keys once, at start.
+        store_args.extend(["--verify-key", coordinator_url.as_str()]);
+    }
+    let store = ServerProcess::spawn_program(&example("fenced_store"), &store_args);
 
     // Worker 1 acquires, checks its lease, and is paused before it writes.
     // The pause is long enough that the SIGSTOP below lands inside it even
@@ -113,4 +127,24 @@ async fn a_paused_worker_cannot_overwrite_its_successor() {
         .into_inner();
     assert_eq!(got.value, b"from worker 2");
     assert_eq!(got.token, n2);
+
+    if signed {
+        // The store really verifies: a write carrying worker 2's token
+        // without its signed fence is refused, and the value stays.
+        let mut req = tonic::Request::new(leasehold_guard::proto::PutRequest {
+            key: "invoice-7".into(),
+            value: b"unsigned".to_vec(),
+        });
+        leasehold_guard::fencing::attach(&mut req, "orders", n2 + 1).unwrap();
+        let status = kv.put(req).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let got = kv
+            .get(GetRequest {
+                key: "invoice-7".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.token, n2);
+    }
 }
