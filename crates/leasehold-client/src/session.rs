@@ -369,8 +369,14 @@ mod tests {
             holder: "h".into(),
             ttl_ms: 1000,
             expires_in_ms: 1000,
+            signed_fence: vec![1; 117],
         };
         let g = grant(lease, sent_at, Duration::from_millis(100));
+        assert_eq!(g.signed_fence(), Some(&[1u8; 117][..]));
+        let mut req = tonic::Request::new(());
+        g.attach(&mut req).unwrap();
+        let sent = req.metadata().get_bin("leasehold-fence-bin").unwrap();
+        assert_eq!(sent.to_bytes().unwrap().as_ref(), &[1u8; 117][..]);
         assert!(g.valid_for() <= Duration::from_millis(900));
         assert!(g.valid_for() > Duration::from_millis(800));
         let shown = format!("{g:?}");
