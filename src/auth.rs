@@ -23,7 +23,10 @@ use tonic::{Request, Status};
 pub const MAX_TOKEN_LEN: usize = 4096;
 
 /// A shared secret for the admin API. Its `Debug` form never shows it.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// Deliberately not `PartialEq`: the only comparison is the constant-time
+/// one in the admin gate, so no `==` can leak the token through timing.
+#[derive(Clone)]
 pub struct AdminToken(Arc<str>);
 
 /// Why an admin token could not be used.

@@ -61,11 +61,11 @@ const INLINE_BATCH: usize = 2;
 
 /// The handle to the committer.
 pub struct Committer {
-    shared: Arc<Shared>,
+    shared: Arc<CommitQueue>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-struct Shared {
+struct CommitQueue {
     store: Arc<Store>,
     /// Jobs not yet written, oldest first; `None` once closed.
     queue: Mutex<Option<Vec<Job>>>,
@@ -82,7 +82,7 @@ struct Shared {
 impl Committer {
     /// Starts the committer thread over `store`.
     pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(CommitQueue {
             store,
             queue: Mutex::new(Some(Vec::new())),
             writer: Mutex::new(()),
@@ -174,7 +174,7 @@ impl Drop for Committer {
     }
 }
 
-impl Shared {
+impl CommitQueue {
     fn run(&self) {
         while !self.stopping.load(Ordering::SeqCst) {
             std::thread::park();

@@ -5,7 +5,7 @@
 //! 1. reads the clock ([`Now`]) and draws random lease ids: the only
 //!    non-deterministic inputs, passed into the pure [`LeaseTable`];
 //! 2. under one short lock, applies the command, and hands the resulting
-//!    changes to the [`Committer`] (so the disk sees them in table order) along
+//!    changes to the committer (`commit.rs`) (so the disk sees them in table order) along
 //!    with the replies that must wait for them;
 //! 3. outside the lock, awaits durability when the reply reveals a token or
 //!    a state change, then answers.
@@ -22,17 +22,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::Clock;
 use crate::commit::{Committer, Durable, Job, Reply};
 use crate::lease::{Bounds, FencingToken, Holder, InvalidField, LeaseId, RequestId, Resource};
 use crate::state::{
-    AcquireCmd, Acquired, Change, Counters, Effects, LeaseMatch, LeaseTable, LeaseView, Limits,
-    Now, StateError, WaiterId,
+    AcquireCmd, Acquired, Change, Counters, Effects, LeaseMatch, LeaseTable, LeaseView, Now,
+    StateError, TableLimits, WaiterId,
 };
 use crate::store::{GrantRecord, Store, StoreError, StoreOptions};
 
@@ -42,9 +43,11 @@ pub struct Config {
     /// TTL and wait bounds (validated at the edge).
     pub bounds: Bounds,
     /// The table's limits.
-    pub limits: Limits,
+    pub limits: TableLimits,
     /// Store options.
     pub store: StoreOptions,
+    /// Where the coordinator reads the time (tests hand it a paused one).
+    pub clock: Clock,
 }
 
 /// Why an operation failed. The service maps each variant to one gRPC status.
@@ -147,13 +150,13 @@ struct Inner {
     sequence: u64,
 }
 
-struct Shared {
+struct Core {
     inner: Mutex<Inner>,
     committer: Committer,
     store: Arc<Store>,
     config: Config,
-    epoch: Instant,
-    /// When the timer will next wake, in nanoseconds since `epoch`.
+    clock: Clock,
+    /// When the timer will next wake, in nanoseconds of the clock.
     timer_at: AtomicU64,
     timer: Notify,
     orphans: mpsc::UnboundedSender<Orphan>,
@@ -164,7 +167,7 @@ struct Shared {
 /// The coordinator. Cheap to clone; all clones share one table.
 #[derive(Clone)]
 pub struct Coordinator {
-    shared: Arc<Shared>,
+    shared: Arc<Core>,
 }
 
 /// How many events a slow watcher may fall behind before it is dropped.
@@ -179,11 +182,8 @@ impl Coordinator {
     pub fn open(data_dir: &std::path::Path, config: Config) -> Result<Self, StoreError> {
         let store = Arc::new(Store::open(data_dir, config.store.clone())?);
         let loaded = store.load()?;
-        let epoch = Instant::now();
-        let now = Now {
-            mono: Duration::ZERO,
-            unix_ms: unix_ms(),
-        };
+        let clock = config.clock;
+        let now = clock.now();
         let restored = loaded.leases.len();
         let table = LeaseTable::restore(
             config.limits,
@@ -205,7 +205,7 @@ impl Coordinator {
         })?;
         let (orphans, orphan_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(WATCH_BUFFER);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Core {
             inner: Mutex::new(Inner {
                 table,
                 waiters: HashMap::new(),
@@ -214,7 +214,7 @@ impl Coordinator {
             committer,
             store,
             config,
-            epoch,
+            clock,
             timer_at: AtomicU64::new(u64::MAX),
             timer: Notify::new(),
             orphans,
@@ -243,10 +243,7 @@ impl Coordinator {
     }
 
     fn now(&self) -> Now {
-        Now {
-            mono: self.shared.epoch.elapsed(),
-            unix_ms: unix_ms(),
-        }
+        self.shared.clock.now()
     }
 
     /// Applies one command under the lock and queues its effects.
@@ -572,7 +569,7 @@ impl Coordinator {
             live_leases: inner.table.live_leases(),
             waiters: inner.table.waiters(),
             last_token: inner.table.last_token(),
-            uptime: self.shared.epoch.elapsed(),
+            uptime: self.shared.clock.elapsed(),
             data_size: self.shared.store.size_on_disk(),
             commit_batches: self.shared.committer.batches(),
         }
@@ -587,7 +584,7 @@ impl Coordinator {
             let _ = tx.send(Err(CoordinatorError::ShuttingDown));
         }
         self.shared.committer.close();
-        // Other clones (a connection still winding down) may keep `Shared`
+        // Other clones (a connection still winding down) may keep `Core`
         // alive a little longer; the database is released now regardless.
         if let Err(e) = self.shared.store.close() {
             tracing::error!(error = %e, "closing the store failed");
@@ -599,14 +596,14 @@ impl Coordinator {
         loop {
             let next = {
                 let inner = self.shared.inner.lock();
-                let cap = self.shared.epoch.elapsed() + TIMER_MAX_SLEEP;
+                let cap = self.shared.clock.elapsed() + TIMER_MAX_SLEEP;
                 let next = inner.table.next_deadline().map_or(cap, |d| d.min(cap));
                 self.shared
                     .timer_at
                     .store(next.as_nanos() as u64, Ordering::Relaxed);
                 next
             };
-            let at = tokio::time::Instant::from_std(self.shared.epoch + next);
+            let at = self.shared.clock.instant_at(next);
             tokio::select! {
                 _ = tokio::time::sleep_until(at) => {}
                 _ = self.shared.timer.notified() => continue,
@@ -661,10 +658,4 @@ impl Drop for WaitGuard<'_> {
             });
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

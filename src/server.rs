@@ -8,7 +8,7 @@
 //!
 //! The admin service sits behind [`AdminGate`] (see [`crate::auth`]); with
 //! [`ServerConfig::tls`] every connection is TLS (mutual with a client CA).
-//! [`Limits`] bound what one client can make the server hold: the size of a
+//! [`TransportLimits`] bound what one client can make the server hold: the size of a
 //! message (a larger one is refused with RESOURCE_EXHAUSTED) and the streams
 //! open at once on one connection (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`:
 //! a well-behaved client waits for a free stream; one that does not is
@@ -54,23 +54,23 @@ pub struct ServerConfig {
     /// Serve the admin API without a token even on a non-loopback address.
     pub insecure_admin: bool,
     /// Transport limits.
-    pub limits: Limits,
+    pub limits: TransportLimits,
     /// Where the signing keys live (default `DATA_DIR/signing-keys`).
     pub keys: KeyOptions,
 }
 
-/// Limits on what one client can make the transport hold.
+/// TransportLimits on what one client can make the transport hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct TransportLimits {
     /// Largest request message, in bytes.
     pub max_message_bytes: usize,
     /// Most streams (calls) open at once on one HTTP/2 connection.
     pub max_streams_per_connection: u32,
 }
 
-impl Default for Limits {
+impl Default for TransportLimits {
     fn default() -> Self {
-        Limits {
+        TransportLimits {
             max_message_bytes: 4 * 1024 * 1024,
             max_streams_per_connection: 1024,
         }

@@ -56,7 +56,7 @@ pub struct WaiterId(pub u64);
 
 /// The table's own limits (the edge validates TTLs and waits).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct TableLimits {
     /// How long an idempotency key is kept at least.
     pub request_retention: Duration,
     /// Most live leases at once.
@@ -67,9 +67,9 @@ pub struct Limits {
     pub max_waiters: usize,
 }
 
-impl Default for Limits {
+impl Default for TableLimits {
     fn default() -> Self {
-        Limits {
+        TableLimits {
             request_retention: Duration::from_secs(24 * 3600),
             max_leases: 10_000_000,
             max_waiters_per_resource: 10_000,
@@ -296,7 +296,7 @@ pub struct Counters {
 /// The state machine. See the module docs.
 #[derive(Debug)]
 pub struct LeaseTable {
-    limits: Limits,
+    limits: TableLimits,
     /// Boxed: the map's buckets stay small (a hash map of a million leases
     /// keeps about two million buckets), and each lease is one allocation.
     leases: HashMap<LeaseId, Box<Live>>,
@@ -316,7 +316,7 @@ pub struct LeaseTable {
 
 impl LeaseTable {
     /// An empty table whose first token will be `last_token + 1`.
-    pub fn new(limits: Limits, last_token: u64) -> Self {
+    pub fn new(limits: TableLimits, last_token: u64) -> Self {
         LeaseTable {
             limits,
             leases: HashMap::new(),
@@ -345,7 +345,7 @@ impl LeaseTable {
     /// the wall clock (never more than the full retention). Tokens continue
     /// above `last_token` and above every restored lease's token.
     pub fn restore(
-        limits: Limits,
+        limits: TableLimits,
         last_token: u64,
         leases: impl IntoIterator<Item = LeaseRecord>,
         requests: impl IntoIterator<Item = (RequestId, RequestRecord)>,
@@ -906,7 +906,7 @@ mod tests {
 
     fn setup() -> (LeaseTable, Clock, Effects) {
         (
-            LeaseTable::new(Limits::default(), 0),
+            LeaseTable::new(TableLimits::default(), 0),
             Clock(Duration::from_secs(1)),
             Effects::default(),
         )
@@ -1224,7 +1224,7 @@ mod tests {
         clock.advance(900);
         let records = vec![a.record.clone()];
         let req = t.requests.clone();
-        let mut r = LeaseTable::restore(Limits::default(), 0, records, req, clock.now());
+        let mut r = LeaseTable::restore(TableLimits::default(), 0, records, req, clock.now());
         let v = r
             .describe(&a.record.resource, clock.now(), &mut fx)
             .unwrap();
@@ -1280,11 +1280,11 @@ mod tests {
 
     #[test]
     fn limits_refuse_without_changing_anything() {
-        let limits = Limits {
+        let limits = TableLimits {
             max_leases: 1,
             max_waiters_per_resource: 1,
             max_waiters: 1,
-            ..Limits::default()
+            ..TableLimits::default()
         };
         let mut t = LeaseTable::new(limits, 0);
         let clock = Clock(Duration::ZERO);

@@ -71,6 +71,14 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use rustix::fs::OFlags;
+
+// `open(2)` flags and the error a refused `O_DIRECT` write gives, as the
+// `i32`s `OpenOptionsExt::custom_flags` and `raw_os_error` use.
+const O_DIRECT: i32 = OFlags::DIRECT.bits() as i32;
+const O_DSYNC: i32 = OFlags::DSYNC.bits() as i32;
+const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
+
 /// One operation on the store's key space.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -194,7 +202,7 @@ impl Wal {
             self.encode(ops);
         }
         let mut result = self.write_record(size);
-        if self.direct && matches!(&result, Err(e) if e.raw_os_error() == Some(libc::EINVAL)) {
+        if self.direct && matches!(&result, Err(e) if e.raw_os_error() == Some(EINVAL)) {
             // O_DIRECT refused this write: continue without it.
             tracing::warn!(dir = %self.dir.display(), "O_DIRECT writes are refused here; the log falls back to O_DSYNC");
             self.direct = false;
@@ -367,8 +375,8 @@ impl Wal {
     /// when the file system has less than four segments' worth of room
     /// left: a nearly full disk keeps its space for the data.
     pub fn prepare_spare(dir: &Path, segment_bytes: u64) -> std::io::Result<bool> {
-        let stat = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-        let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+        let stat = rustix::fs::statvfs(dir)?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
         if free < 4 * segment_bytes {
             return Ok(false);
         }
@@ -446,10 +454,10 @@ fn open_segment(path: &Path, create: bool, direct: bool) -> std::io::Result<File
             .open(path)
     };
     if !direct {
-        return open(libc::O_DSYNC);
+        return open(O_DSYNC);
     }
-    match open(libc::O_DIRECT | libc::O_DSYNC) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(libc::O_DSYNC),
+    match open(O_DIRECT | O_DSYNC) {
+        Err(e) if e.raw_os_error() == Some(EINVAL) => open(O_DSYNC),
         other => other,
     }
 }
@@ -599,15 +607,15 @@ mod tests {
         let direct_allowed = OpenOptions::new()
             .write(true)
             .create(true)
-            .custom_flags(libc::O_DIRECT)
+            .custom_flags(O_DIRECT)
             .open(dir.path().join("probe"))
             .is_ok();
         let (mut wal, _) = Wal::open(dir.path(), SEGMENT).unwrap();
         let check = |wal: &Wal| {
             let flags = open_flags(&wal.file);
-            assert_eq!(flags & libc::O_DSYNC, libc::O_DSYNC, "flags {flags:o}");
+            assert_eq!(flags & O_DSYNC, O_DSYNC, "flags {flags:o}");
             if direct_allowed {
-                assert_eq!(flags & libc::O_DIRECT, libc::O_DIRECT, "flags {flags:o}");
+                assert_eq!(flags & O_DIRECT, O_DIRECT, "flags {flags:o}");
             }
         };
         check(&wal);

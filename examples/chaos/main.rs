@@ -44,12 +44,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rustix::process::{kill_process as kill, Pid, Signal};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
@@ -235,11 +234,11 @@ impl Proc {
             .child
             .id()
             .with_context(|| format!("{} has exited", self.name))?;
-        Ok(Pid::from_raw(id as i32))
+        Pid::from_raw(id as i32).with_context(|| format!("{} has no pid", self.name))
     }
 
     fn signal(&self, sig: Signal) -> anyhow::Result<()> {
-        kill(self.pid()?, sig).with_context(|| format!("cannot send {sig} to {}", self.name))
+        kill(self.pid()?, sig).with_context(|| format!("cannot send {sig:?} to {}", self.name))
     }
 
     /// `kill -9`, and reap it.
@@ -250,7 +249,7 @@ impl Proc {
 
     /// SIGTERM, then `kill -9` after `grace`. Whether it exited 0 by itself.
     async fn terminate(&mut self, grace: Duration) -> bool {
-        if self.signal(Signal::SIGTERM).is_err() {
+        if self.signal(Signal::TERM).is_err() {
             return false;
         }
         match tokio::time::timeout(grace, self.child.wait()).await {
@@ -503,7 +502,9 @@ struct Paused(Arc<Mutex<HashSet<i32>>>);
 impl Drop for Paused {
     fn drop(&mut self) {
         for pid in self.0.lock().drain() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            if let Some(pid) = Pid::from_raw(pid) {
+                let _ = kill(pid, Signal::CONT);
+            }
         }
     }
 }
@@ -631,9 +632,9 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             }
             FaultKind::CoordinatorPause => {
                 let pause = Duration::from_millis(rng.random_range(500..=2000));
-                coordinator.signal(Signal::SIGSTOP)?;
+                coordinator.signal(Signal::STOP)?;
                 tokio::time::sleep(pause).await;
-                coordinator.signal(Signal::SIGCONT)?;
+                coordinator.signal(Signal::CONT)?;
                 faults.record(kind, start, format!("SIGSTOP for {} ms", pause.as_millis()));
             }
             FaultKind::WorkerPause => {
@@ -641,7 +642,7 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
                     .filter(|&i| {
                         workers[i]
                             .pid()
-                            .is_ok_and(|p| !paused.0.lock().contains(&p.as_raw()))
+                            .is_ok_and(|p| !paused.0.lock().contains(&p.as_raw_pid()))
                     })
                     .collect();
                 // Prefer a worker that holds a lease: a pause that strikes
@@ -659,13 +660,13 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
                 // Longer than any TTL (1.5 s): the lease expires meanwhile,
                 // and a waiting worker takes over and writes.
                 let pause = Duration::from_millis(rng.random_range(2000..=3500));
-                paused.0.lock().insert(pid.as_raw());
-                workers[i].signal(Signal::SIGSTOP)?;
+                paused.0.lock().insert(pid.as_raw_pid());
+                workers[i].signal(Signal::STOP)?;
                 let (set, log) = (paused.0.clone(), faults.clone());
                 resumes.push(tokio::spawn(async move {
                     tokio::time::sleep(pause).await;
-                    if set.lock().remove(&pid.as_raw()) {
-                        let _ = kill(pid, Signal::SIGCONT);
+                    if set.lock().remove(&pid.as_raw_pid()) {
+                        let _ = kill(pid, Signal::CONT);
                     }
                     log.record(
                         kind,

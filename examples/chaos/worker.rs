@@ -58,32 +58,32 @@ enum Coordinator {
 }
 
 /// A lease while the worker holds it.
-enum Held {
+enum Holding {
     /// A keepalive-backed lease, and the task recording its loss (started
     /// once the grant is recorded).
     Lease(Lease, Option<tokio::task::JoinHandle<()>>),
     Grant(Grant),
 }
 
-impl Held {
+impl Holding {
     fn token(&self) -> u64 {
         match self {
-            Held::Lease(l, _) => l.token(),
-            Held::Grant(g) => g.token(),
+            Holding::Lease(l, _) => l.token(),
+            Holding::Grant(g) => g.token(),
         }
     }
 
     fn valid_for(&self) -> Duration {
         match self {
-            Held::Lease(l, _) => l.valid_for(),
-            Held::Grant(g) => g.valid_for(),
+            Holding::Lease(l, _) => l.valid_for(),
+            Holding::Grant(g) => g.valid_for(),
         }
     }
 
     fn attach<T>(&self, req: &mut tonic::Request<T>) {
         let attached = match self {
-            Held::Lease(l, _) => l.attach(req),
-            Held::Grant(g) => g.fence().and_then(|f| f.attach_to(req)),
+            Holding::Lease(l, _) => l.attach(req),
+            Holding::Grant(g) => g.fence().and_then(|f| f.attach_to(req)),
         };
         attached.expect("a valid fence");
     }
@@ -96,7 +96,7 @@ impl Coordinator {
         ttl: Duration,
         wait: Duration,
         holder: String,
-    ) -> Result<Held, AcquireError> {
+    ) -> Result<Holding, AcquireError> {
         match self {
             Coordinator::Leases(client) => client
                 .acquire(resource)
@@ -104,28 +104,28 @@ impl Coordinator {
                 .wait(wait)
                 .holder(holder)
                 .await
-                .map(|l| Held::Lease(l, None)),
+                .map(|l| Holding::Lease(l, None)),
             Coordinator::Session(client, session) => {
                 let s = match session {
                     Some(s) => s,
                     None => session.insert(Box::new(client.session().await?.holder(holder))),
                 };
-                s.acquire(resource, ttl, wait).await.map(Held::Grant)
+                s.acquire(resource, ttl, wait).await.map(Holding::Grant)
             }
         }
     }
 
-    async fn release(&mut self, held: Held) -> Result<bool, ClientError> {
+    async fn release(&mut self, held: Holding) -> Result<bool, ClientError> {
         match (held, self) {
-            (Held::Lease(lease, watcher), _) => {
+            (Holding::Lease(lease, watcher), _) => {
                 let result = lease.release().await;
                 if let Some(watcher) = watcher {
                     let _ = watcher.await;
                 }
                 result
             }
-            (Held::Grant(grant), Coordinator::Session(_, Some(s))) => s.release(grant).await,
-            (Held::Grant(_), _) => unreachable!("a grant comes from the session"),
+            (Holding::Grant(grant), Coordinator::Session(_, Some(s))) => s.release(grant).await,
+            (Holding::Grant(_), _) => unreachable!("a grant comes from the session"),
         }
     }
 }
@@ -237,7 +237,7 @@ async fn one_cycle(
                 detail: Some(format!("ttl {} ms", ttl.as_millis())),
                 ..op(OpKind::Acquire, Some(held.token()), start, Outcome::Granted)
             });
-            if let Held::Lease(l, watcher) = &mut held {
+            if let Holding::Lease(l, watcher) = &mut held {
                 *watcher = Some(tokio::spawn(watch_loss(
                     l.handle(),
                     rec.clone(),

@@ -36,7 +36,7 @@ impl Default for ContendedOptions {
 }
 
 #[derive(Default)]
-struct Shared {
+struct Tallies {
     contention: Contention,
     timeouts: AtomicU64,
 }
@@ -51,7 +51,7 @@ pub async fn run(opts: &Options, c: &ContendedOptions) -> Result<Report, BenchEr
         window.clone(),
         opts.server_pid,
     ));
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Tallies::default());
     let mut handles = Vec::with_capacity(opts.concurrency);
     for (w, mut caller) in opts.callers(&clients).await?.into_iter().enumerate() {
         let (window, shared, opts, c) = (window.clone(), shared.clone(), opts.clone(), c.clone());

@@ -231,7 +231,7 @@ pub fn run_tag() -> String {
 
 /// A lease as a worker keeps it.
 #[derive(Debug, Clone)]
-pub struct Held {
+pub struct BenchLease {
     /// The secret id.
     pub lease_id: String,
     /// The fencing token.
@@ -269,7 +269,7 @@ impl Caller {
         ttl: Duration,
         wait: Duration,
         timeout: Duration,
-    ) -> Result<Option<Held>, String> {
+    ) -> Result<Option<BenchLease>, String> {
         let req = proto::AcquireRequest {
             resource,
             holder: holder.to_owned(),
@@ -287,7 +287,7 @@ impl Caller {
             }
         }?;
         match reply.outcome {
-            Some(Outcome::Lease(l)) => Ok(Some(Held {
+            Some(Outcome::Lease(l)) => Ok(Some(BenchLease {
                 lease_id: l.lease_id,
                 token: l.token,
             })),
@@ -297,7 +297,7 @@ impl Caller {
     }
 
     /// One Release with a timeout; `Ok(released)`.
-    pub async fn release(&mut self, lease: Held, timeout: Duration) -> Result<bool, String> {
+    pub async fn release(&mut self, lease: BenchLease, timeout: Duration) -> Result<bool, String> {
         let req = proto::ReleaseRequest {
             lease_id: lease.lease_id,
             token: lease.token,

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    join_bounded, run_tag, BenchError, Caller, Check, Client, Held, Options, Report, Tally, Window,
+    join_bounded, run_tag, BenchError, BenchLease, Caller, Check, Client, Options, Report, Tally,
+    Window,
 };
 use leasehold_client::proto;
 
@@ -32,7 +33,7 @@ pub async fn take_leases<F>(
     granted: F,
 ) -> Tally
 where
-    F: Fn(&mut Tally, usize, Held, Instant) + Clone + Send + 'static,
+    F: Fn(&mut Tally, usize, BenchLease, Instant) + Clone + Send + 'static,
 {
     let next = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();

@@ -6,7 +6,7 @@
 //! - holds the lease while COMMAND runs, renewing it in the background;
 //! - exports `LEASEHOLD_TOKEN`, `LEASEHOLD_RESOURCE`, `LEASEHOLD_LEASE_ID`;
 //! - if the lease is lost: SIGTERM to COMMAND, SIGKILL after `--kill-after`,
-//!   exit [`EXIT_LOST`];
+//!   exit [`LOST`](super::exit::LOST);
 //! - SIGINT/SIGTERM to leasehold are forwarded to COMMAND;
 //! - when COMMAND ends, releases the lease and exits with COMMAND's status
 //!   (128 + N if it was killed by signal N).
@@ -17,22 +17,17 @@
 use std::time::Duration;
 
 use clap::Args;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use rustix::process::{kill_process, Pid, Signal};
 use tokio::process::Command;
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::common::ConnectArgs;
 use leasehold_client::{AcquireError, Client, ClientConfig, ClientError};
 
-/// The resource was held by someone else for the whole wait.
-pub const EXIT_BUSY: i32 = 75;
-/// The coordinator could not be reached (or refused the request).
-pub const EXIT_UNREACHABLE: i32 = 69;
-/// The lease was lost while COMMAND ran; COMMAND was stopped.
-pub const EXIT_LOST: i32 = 71;
-/// COMMAND could not be started.
-pub const EXIT_CANNOT_RUN: i32 = 127;
+use super::exit::{
+    BUSY as EXIT_BUSY, CANNOT_RUN as EXIT_CANNOT_RUN, LOST as EXIT_LOST,
+    UNREACHABLE as EXIT_UNREACHABLE,
+};
 
 /// Options of `leasehold acquire`.
 #[derive(Debug, Args)]
@@ -113,10 +108,10 @@ pub async fn run(args: AcquireArgs) -> anyhow::Result<i32> {
             return Ok(EXIT_CANNOT_RUN);
         }
     };
-    let pid = child.id().map(|id| Pid::from_raw(id as i32));
+    let pid = child.id().and_then(|id| Pid::from_raw(id as i32));
     let send = |sig: Signal| {
         if let Some(pid) = pid {
-            let _ = kill(pid, sig);
+            let _ = kill_process(pid, sig);
         }
     };
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -131,15 +126,15 @@ pub async fn run(args: AcquireArgs) -> anyhow::Result<i32> {
             }
             reason = handle.lost() => {
                 eprintln!("leasehold: the lease on {} (token {}) was lost: {reason}; stopping the command", lease.resource(), lease.token());
-                send(Signal::SIGTERM);
+                send(Signal::TERM);
                 if tokio::time::timeout(args.kill_after, child.wait()).await.is_err() {
-                    send(Signal::SIGKILL);
+                    send(Signal::KILL);
                     let _ = child.wait().await;
                 }
                 return Ok(EXIT_LOST);
             }
-            _ = sigint.recv() => send(Signal::SIGINT),
-            _ = sigterm.recv() => send(Signal::SIGTERM),
+            _ = sigint.recv() => send(Signal::INT),
+            _ = sigterm.recv() => send(Signal::TERM),
         }
     }
 }

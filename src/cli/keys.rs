@@ -10,7 +10,8 @@ use serde::Serialize;
 use tonic::Code;
 
 use super::common::{AdminArgs, ConnectArgs};
-use super::output::{self, Failure, EXIT_FAILED, EXIT_NOT_FOUND};
+use super::exit::{FAILED as EXIT_FAILED, NOT_FOUND as EXIT_NOT_FOUND};
+use super::output::{self, Failure};
 use crate::proto::{self, lease_service_client::LeaseServiceClient};
 
 /// Options of `leasehold keys`.

@@ -9,7 +9,8 @@ use serde::Serialize;
 use tonic::Code;
 
 use super::common::{AdminArgs, AdminClient};
-use super::output::{self, Failure, LeaseJson, EXIT_FAILED, EXIT_NOT_FOUND};
+use super::exit::{FAILED as EXIT_FAILED, NOT_FOUND as EXIT_NOT_FOUND};
+use super::output::{self, Failure, LeaseJson};
 use crate::proto;
 
 /// Options of `leasehold leases`.

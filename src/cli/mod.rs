@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod acquire;
 pub mod bench;
 pub mod common;
+pub mod exit;
 pub mod keys;
 pub mod leases;
 pub mod output;
@@ -60,7 +61,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Err(e) => {
             let code = e
                 .downcast_ref::<output::Failure>()
-                .map_or(output::EXIT_FAILED, |f| f.code);
+                .map_or(exit::FAILED, |f| f.code);
             eprintln!("error: {}", output::error_chain(e.as_ref()));
             Ok(code)
         }

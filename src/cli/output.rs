@@ -1,15 +1,6 @@
 //! What the operator commands print, in one place: the one duration format,
 //! times, tables, the `--json` shapes, and errors with their exit codes.
-//!
-//! # Exit codes
-//! | code | meaning |
-//! |------|---------|
-//! | 0 | done |
-//! | 1 | failed (the server refused the request, a bad file, no confirmation) |
-//! | 2 | bad command line |
-//! | 3 | nothing matched: the resource is not held, or the revoke found another lease |
-//! | 4 | the coordinator cannot be reached (or is shutting down) |
-//! | 5 | the admin credential was refused, or the admin API is disabled |
+//! The exit codes are in [`super::exit`].
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -19,14 +10,7 @@ use tonic::{Code, Status};
 
 use crate::proto;
 
-/// Exit code: failed.
-pub const EXIT_FAILED: i32 = 1;
-/// Exit code: nothing matched.
-pub const EXIT_NOT_FOUND: i32 = 3;
-/// Exit code: the coordinator cannot be reached.
-pub const EXIT_UNREACHABLE: i32 = 4;
-/// Exit code: the admin credential was refused.
-pub const EXIT_AUTH: i32 = 5;
+use super::exit::{AUTH as EXIT_AUTH, FAILED as EXIT_FAILED, UNREACHABLE as EXIT_UNREACHABLE};
 
 /// An error the CLI reports with its own exit code (see the module docs).
 #[derive(Debug)]

@@ -7,11 +7,12 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::auth::AdminToken;
+use crate::clock::Clock;
 use crate::coordinator::Config;
 use crate::keys::KeyOptions;
 use crate::lease::Bounds;
 use crate::server::{self, ServerConfig};
-use crate::state::Limits;
+use crate::state::TableLimits;
 use crate::store::StoreOptions;
 use crate::tls::ServerTlsFiles;
 
@@ -37,22 +38,22 @@ pub struct ServeArgs {
     #[arg(long, default_value = "24h", value_parser = super::parse_duration)]
     pub request_retention: Duration,
     /// Most live leases at once.
-    #[arg(long, default_value_t = Limits::default().max_leases)]
+    #[arg(long, default_value_t = TableLimits::default().max_leases)]
     pub max_leases: usize,
     /// Most waiters queued on one resource.
-    #[arg(long, default_value_t = Limits::default().max_waiters_per_resource)]
+    #[arg(long, default_value_t = TableLimits::default().max_waiters_per_resource)]
     pub max_waiters_per_resource: usize,
     /// Most waiters queued in all.
-    #[arg(long, default_value_t = Limits::default().max_waiters)]
+    #[arg(long, default_value_t = TableLimits::default().max_waiters)]
     pub max_waiters: usize,
     /// Past grants kept per resource for `leases history`.
     #[arg(long, default_value_t = StoreOptions::default().history_per_resource)]
     pub history: usize,
     /// Largest request message, in bytes; larger ones get RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = server::Limits::default().max_message_bytes)]
+    #[arg(long, default_value_t = server::TransportLimits::default().max_message_bytes)]
     pub max_message_bytes: usize,
     /// Most calls open at once on one connection (HTTP/2 max concurrent streams).
-    #[arg(long, default_value_t = server::Limits::default().max_streams_per_connection)]
+    #[arg(long, default_value_t = server::TransportLimits::default().max_streams_per_connection)]
     pub max_streams_per_connection: u32,
     /// The server's TLS certificate chain (PEM); needs --tls-key.
     #[arg(long, env = "LEASEHOLD_TLS_CERT", requires = "tls_key")]
@@ -117,7 +118,7 @@ impl ServeArgs {
             tls,
             admin_token,
             insecure_admin: self.insecure_admin,
-            limits: server::Limits {
+            limits: server::TransportLimits {
                 max_message_bytes: self.max_message_bytes,
                 max_streams_per_connection: self.max_streams_per_connection,
             },
@@ -132,7 +133,7 @@ impl ServeArgs {
                     max_ttl: self.max_ttl,
                     max_wait: self.max_wait,
                 },
-                limits: Limits {
+                limits: TableLimits {
                     request_retention: self.request_retention,
                     max_leases: self.max_leases,
                     max_waiters_per_resource: self.max_waiters_per_resource,
@@ -142,6 +143,7 @@ impl ServeArgs {
                     history_per_resource: self.history.max(1),
                     ..StoreOptions::default()
                 },
+                clock: Clock::start(),
             },
         })
     }
@@ -149,6 +151,14 @@ impl ServeArgs {
 
 /// Binds, serves, and returns the exit code once shut down.
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
+    // The faster scheduler needs a compile-time cfg that `.cargo/config.toml`
+    // sets; a build from elsewhere (`cargo install --git`) lacks it. Say so
+    // rather than run ~10 % slower without a word.
+    #[cfg(not(tokio_unstable))]
+    tracing::warn!(
+        "built without `--cfg tokio_unstable`: Tokio's LIFO slot stays on, which costs \
+         about 10 % of lock-cycle throughput; see README \"Installing\" for the build command"
+    );
     let config = args.config()?;
     let opened = server::open(&config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)

@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use leasehold::auth::AdminToken;
 use leasehold::coordinator::Config;
 use leasehold::proto::{self, EndKind, EventKind};
-use leasehold::server::{Limits, ServerConfig};
+use leasehold::server::{ServerConfig, TransportLimits};
 use leasehold::state;
 use leasehold::store::StoreOptions;
 use tonic::Code;
@@ -356,7 +356,7 @@ async fn history_is_kept_per_resource_bounded_and_durable() {
         if i < 3 {
             release(&mut c, &l).await.unwrap();
         } else if i == 3 {
-            tokio::time::sleep(Duration::from_millis(120)).await;
+            pass_time(Duration::from_millis(120)).await;
         }
     }
     server.restart().await;
@@ -405,7 +405,7 @@ async fn stats_count_what_happened() {
     renew(&mut c, &a).await.unwrap();
     release(&mut c, &a).await.unwrap();
     admin.revoke(revoke_req("c", 0)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    pass_time(Duration::from_millis(120)).await;
     assert!(!describe(&mut c, "b").await.held);
     let s = admin
         .stats(proto::StatsRequest {})
@@ -466,9 +466,9 @@ async fn admin_calls_need_the_right_token() {
 #[tokio::test]
 async fn live_lease_limit_refuses_only_the_excess() {
     let config = Config {
-        limits: state::Limits {
+        limits: state::TableLimits {
             max_leases: 2,
-            ..state::Limits::default()
+            ..state::TableLimits::default()
         },
         ..Config::default()
     };
@@ -488,10 +488,10 @@ async fn live_lease_limit_refuses_only_the_excess() {
 #[tokio::test]
 async fn waiter_limits_per_resource_and_in_total() {
     let config = Config {
-        limits: state::Limits {
+        limits: state::TableLimits {
             max_waiters_per_resource: 1,
             max_waiters: 2,
-            ..state::Limits::default()
+            ..state::TableLimits::default()
         },
         ..Config::default()
     };
@@ -556,9 +556,9 @@ async fn waiter_limits_per_resource_and_in_total() {
 #[tokio::test]
 async fn oversized_messages_are_refused_and_the_connection_survives() {
     let options = ServerConfig {
-        limits: Limits {
+        limits: TransportLimits {
             max_message_bytes: 2048,
-            ..Limits::default()
+            ..TransportLimits::default()
         },
         ..ServerConfig::default()
     };
@@ -583,9 +583,9 @@ async fn oversized_messages_are_refused_and_the_connection_survives() {
 #[tokio::test]
 async fn streams_per_connection_are_capped_and_other_connections_unaffected() {
     let options = ServerConfig {
-        limits: Limits {
+        limits: TransportLimits {
             max_streams_per_connection: 2,
-            ..Limits::default()
+            ..TransportLimits::default()
         },
         ..ServerConfig::default()
     };

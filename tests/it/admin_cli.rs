@@ -265,7 +265,7 @@ async fn admin_cli_reports_an_unreachable_server() {
         vec!["leases", "history", "r"],
     ] {
         let out = run_cli(&args, &[("LEASEHOLD_SERVER", &url)]).await;
-        assert_eq!(out.code, 4, "{args:?}: {out:?}");
+        assert_eq!(out.code, 69, "{args:?}: {out:?}");
         assert!(
             out.stderr
                 .contains(&format!("cannot reach the coordinator at {url}"))

@@ -81,7 +81,7 @@ async fn expiry_frees_the_resource_at_once() {
     let server = TestServer::start().await;
     let mut c = server.client().await;
     let a = grant(&mut c, acquire_req("r", "alice", 100)).await;
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    pass_time(Duration::from_millis(120)).await;
     assert!(!describe(&mut c, "r").await.held);
     let b = grant(&mut c, acquire_req("r", "bob", 100)).await;
     assert!(b.token > a.token);
@@ -307,7 +307,7 @@ async fn leases_and_tokens_survive_a_restart_with_a_full_ttl() {
     let a = grant(&mut c, acquire_req("kept", "h", 2000)).await;
     let gone = grant(&mut c, acquire_req("gone", "h", 2000)).await;
     release(&mut c, &gone).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    pass_time(Duration::from_millis(300)).await;
     server.restart().await;
     let mut c = server.client().await;
     let d = describe(&mut c, "kept").await;

@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use leasehold::lease::{FencingToken, Holder, LeaseId, RequestId, Resource};
 use leasehold::state::{
-    AcquireCmd, Acquired, Change, Effects, LeaseRecord, LeaseTable, LeaseView, Limits, Now,
-    RequestRecord, StateError, WaiterId,
+    AcquireCmd, Acquired, Change, Effects, LeaseRecord, LeaseTable, LeaseView, Now, RequestRecord,
+    StateError, TableLimits, WaiterId,
 };
 use proptest::prelude::*;
 
@@ -411,7 +411,7 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         Harness {
-            table: LeaseTable::new(Limits::default(), 0),
+            table: LeaseTable::new(TableLimits::default(), 0),
             model: Model::default(),
             persisted: Persisted::default(),
             now: Duration::from_secs(1),
@@ -644,7 +644,7 @@ impl Harness {
             .collect();
         let highest = self.tokens.last().copied().unwrap_or(0);
         self.table = LeaseTable::restore(
-            Limits::default(),
+            TableLimits::default(),
             self.persisted.max_token,
             self.persisted.leases.values().cloned(),
             self.persisted

@@ -35,6 +35,16 @@ pub struct TestServer {
     task: Option<JoinHandle<()>>,
 }
 
+/// Lets `d` pass at once on Tokio's clock: pause, advance, resume. The
+/// in-process server's coordinator reads this clock (`leasehold::clock`), so
+/// its expiry timer fires and its leases age exactly by `d`, with no real
+/// sleep and no race with a slow machine. Current-thread tests only.
+pub async fn pass_time(d: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(d).await;
+    tokio::time::resume();
+}
+
 impl TestServer {
     pub async fn start() -> Self {
         Self::start_with(Config::default()).await

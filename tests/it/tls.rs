@@ -196,9 +196,9 @@ async fn cli_speaks_mutual_tls() {
     assert_eq!(out.code, 0, "{out:?}");
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(v["live_leases"], 0);
-    // Without the CA: a clear "cannot reach" and exit code 4.
+    // Without the CA: a clear "cannot reach" and exit code 69.
     let out = run_cli(&["status", "--server", &url], &[]).await;
-    assert_eq!(out.code, 4, "{out:?}");
+    assert_eq!(out.code, 69, "{out:?}");
     assert!(
         out.stderr
             .contains("cannot reach the coordinator at https://"),

@@ -2,7 +2,7 @@
 //!
 //! A data directory holds three things:
 //!
-//! - `wal/`: the write-ahead log ([`crate::wal`]). Every batch of changes is
+//! - `wal/`: the write-ahead log (`wal.rs`). Every batch of changes is
 //!   written there as one record, synchronously (`O_DIRECT | O_DSYNC`),
 //!   before any of it is answered.
 //! - `db/`: a sled database with one tree, the checkpointed table. Keys
@@ -31,7 +31,7 @@
 //! (`flush()` alone does not reach the device; see shared FACTS), and only
 //! then deletes the log segments the checkpoint covers. So sled is off the
 //! request path. A start-up opens sled, replays what is left of the log
-//! over it (idempotent, see [`crate::wal`]) and checkpoints; so does a
+//! over it (idempotent, see `wal.rs`) and checkpoints; so does a
 //! graceful [`Store::close`].
 //!
 //! The reservation is separate from the log so that one `fdatasync` covers
@@ -40,10 +40,17 @@
 //!
 //! Renewals that keep the TTL are not written: a restart gives every lease a
 //! full TTL anyway.
+//!
+//! # Files
+//!
+//! - `mod.rs`: [`Store`]: open and load, plan and commit a batch, history.
+//! - `reservation.rs`: the token reservation file.
+//! - `codec.rs`: the keys and record encodings above.
+//! - `overlay.rs`: the changes logged but not yet in sled.
+//! - `checkpoint.rs`: what the store shares with its checkpoint thread, and
+//!   that thread.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -52,9 +59,19 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::lease::{EndKind, FencingToken, Holder, LeaseId, RequestId, Resource};
+use crate::lease::{EndKind, FencingToken, RequestId, Resource};
 use crate::state::{Change, LeaseRecord, RequestRecord};
-use crate::wal::{Named, Op, Wal};
+use crate::wal::{Op, Wal};
+
+mod checkpoint;
+mod codec;
+mod overlay;
+mod reservation;
+
+use checkpoint::{apply, open_sled, open_sled_log, Checkpoint, StoreState};
+use codec::*;
+use overlay::Overlay;
+use reservation::Reservation;
 
 /// How far ahead of the highest token a reservation reaches. A restart after
 /// a crash skips at most this many tokens; one `fdatasync` covers this many grants.
@@ -159,161 +176,19 @@ pub struct GrantRecord {
     pub ended: Option<(EndKind, u64)>,
 }
 
-/// The token reservation file.
-#[derive(Debug)]
-struct Reservation {
-    file: File,
-    path: PathBuf,
-    reserved: u64,
-}
-
-impl Reservation {
-    fn open(path: PathBuf, db_existed: bool) -> Result<Self, StoreError> {
-        let io = |what| {
-            let path = path.clone();
-            move |source| StoreError::Io { what, path, source }
-        };
-        let existed = path.exists();
-        if !existed && db_existed {
-            return Err(StoreError::Corrupt {
-                path,
-                what: "the token reservation file is missing but the database exists".into(),
-            });
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("opening"))?;
-        let mut buf = [0u8; 16];
-        let len = file.metadata().map_err(io("reading"))?.len();
-        // An empty file with no database is a first start that stopped
-        // before its first write: nothing was ever handed out.
-        let fresh = len == 0 && !db_existed;
-        let reserved = if fresh {
-            0
-        } else if len < 16 {
-            return Err(StoreError::Corrupt {
-                path,
-                what: format!("the token reservation file is {len} bytes, expected 16"),
-            });
-        } else {
-            file.read_exact_at(&mut buf, 0).map_err(io("reading"))?;
-            let value = u64::from_le_bytes(buf[..8].try_into().unwrap_or_default());
-            let check = u64::from_le_bytes(buf[8..].try_into().unwrap_or_default());
-            if value ^ RESERVATION_CHECK != check {
-                return Err(StoreError::Corrupt {
-                    path,
-                    what: "the token reservation file fails its check".into(),
-                });
-            }
-            value
-        };
-        let mut r = Reservation {
-            file,
-            path,
-            reserved,
-        };
-        if fresh {
-            r.write(0)?;
-            if let Some(dir) = r.path.parent() {
-                sync_dir(dir)?;
-            }
-        }
-        Ok(r)
-    }
-
-    /// Raises the reservation to `upto` and waits for the device.
-    fn write(&mut self, upto: u64) -> Result<(), StoreError> {
-        let mut buf = [0u8; 16];
-        buf[..8].copy_from_slice(&upto.to_le_bytes());
-        buf[8..].copy_from_slice(&(upto ^ RESERVATION_CHECK).to_le_bytes());
-        let io = |what| {
-            let path = self.path.clone();
-            move |source| StoreError::Io { what, path, source }
-        };
-        self.file.write_all_at(&buf, 0).map_err(io("writing"))?;
-        self.file.sync_data().map_err(io("syncing"))?;
-        self.reserved = upto;
-        Ok(())
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    crate::wal::sync_dir(dir).map_err(|source| StoreError::Io {
-        what: "syncing directory",
-        path: dir.to_owned(),
-        source,
-    })
-}
-
-/// Key → value (`None`: deleted), the table's changes not yet in sled.
-type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
-
-/// Logged changes that sled does not hold yet.
-#[derive(Debug, Default)]
-struct Pending {
-    /// Changes since the last freeze, coalesced per key.
-    active: Overlay,
-    /// Keys of `active` first written by an [`Op::Insert`] (a grant's new
-    /// history entry): a delete in the same window drops them from the
-    /// overlay instead of leaving a tombstone, so a history entry born and
-    /// trimmed within one checkpoint never costs sled anything. Under a
-    /// steady cycle load that is nearly every history entry.
-    born: HashSet<Vec<u8>>,
-    /// Changes being written to sled by the checkpointer.
-    frozen: Option<Arc<Overlay>>,
-    /// The log's [`Wal::written`] at the last freeze.
-    logged_at_freeze: u64,
-}
-
-/// What the store and its checkpointer thread share.
-#[derive(Debug)]
-struct Shared {
-    /// `None` while being reopened after an I/O error, and once closed.
-    db: Mutex<Option<sled::Db>>,
-    /// sled's log file, synced at checkpoints.
-    sled_log: Mutex<Option<File>>,
-    wal: Mutex<Wal>,
-    pending: Mutex<Pending>,
-    /// Set by an I/O error in sled; the checkpointer reopens it.
-    broken: AtomicBool,
-    db_path: PathBuf,
-    wal_path: PathBuf,
-    options: StoreOptions,
-}
-
-/// A checkpoint for the checkpointer thread: write `frozen` into sled, make
-/// it durable, then delete the log segments numbered below `upto`.
-struct Checkpoint {
-    frozen: Arc<Overlay>,
-    upto: u64,
-}
-
 /// The persistent side of the coordinator. See the module docs.
 ///
 /// Only one thread (the committer) calls [`Store::commit`]; the readers
 /// ([`Store::history`], [`Store::size_on_disk`]) may run on any thread.
 #[derive(Debug)]
 pub struct Store {
-    shared: Arc<Shared>,
+    shared: Arc<StoreState>,
     /// Set by [`Store::close`]: the database is gone for good.
     closed: AtomicBool,
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<Checkpoint>, JoinHandle<()>)>>,
     reservation: Mutex<Reservation>,
     /// History entries per recently granted resource (see `trim_history`).
     trims: Mutex<HashMap<Resource, VecDeque<u64>>>,
-}
-
-impl std::fmt::Debug for Checkpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checkpoint")
-            .field("keys", &self.frozen.len())
-            .field("upto", &self.upto)
-            .finish()
-    }
 }
 
 /// Most resources whose history size the store remembers at once.
@@ -340,7 +215,7 @@ impl Store {
                 path: wal_path.clone(),
                 source,
             })?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(StoreState {
             db: Mutex::new(Some(db.clone())),
             sled_log: Mutex::new(Some(sled_log)),
             wal: Mutex::new(wal),
@@ -684,453 +559,11 @@ impl Drop for Store {
     }
 }
 
-impl Shared {
-    fn sled_err(&self) -> impl Fn(sled::Error) -> StoreError + '_ {
-        move |source| {
-            // sled 0.34 keeps failing after an I/O error (its error is
-            // sticky), so the checkpointer reopens the database.
-            if matches!(source, sled::Error::Io(_)) {
-                self.broken.store(true, Ordering::SeqCst);
-            }
-            StoreError::Sled {
-                path: self.db_path.clone(),
-                source,
-            }
-        }
-    }
-
-    fn wal_err(&self, what: &'static str) -> impl Fn(std::io::Error) -> StoreError + '_ {
-        move |source| StoreError::Io {
-            what,
-            path: self.wal_path.clone(),
-            source,
-        }
-    }
-
-    /// A handle to the open database.
-    fn db(&self) -> Result<sled::Db, StoreError> {
-        self.db.lock().clone().ok_or_else(|| StoreError::Sled {
-            path: self.db_path.clone(),
-            source: sled::Error::Unsupported(
-                "the database is being reopened after an I/O error".into(),
-            ),
-        })
-    }
-
-    /// The table's entries under `prefix`: sled, overlaid by the frozen and
-    /// the active changes. The pending lock is held throughout, so a
-    /// checkpoint finishing meanwhile cannot hide its changes from the scan.
-    fn scan(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, StoreError> {
-        let pending = self.pending.lock();
-        let mut out = BTreeMap::new();
-        for item in self.db()?.scan_prefix(prefix) {
-            let (k, v) = item.map_err(self.sled_err())?;
-            out.insert(k.to_vec(), v.to_vec());
-        }
-        for layer in pending
-            .frozen
-            .as_deref()
-            .into_iter()
-            .chain([&pending.active])
-        {
-            let under = layer
-                .range::<[u8], _>((
-                    std::ops::Bound::Included(prefix),
-                    std::ops::Bound::Unbounded,
-                ))
-                .take_while(|(k, _)| k.starts_with(prefix));
-            for (k, v) in under {
-                match v {
-                    Some(v) => out.insert(k.clone(), v.clone()),
-                    None => out.remove(k),
-                };
-            }
-        }
-        Ok(out)
-    }
-
-    /// Writes `overlays` into sled, in order, makes sled durable, then
-    /// deletes (or recycles) the log segments numbered below `upto`, whose
-    /// every change sled now holds. The one sequence behind start-up, each
-    /// checkpoint and close.
-    fn checkpoint_into(
-        &self,
-        db: &sled::Db,
-        overlays: &[&Overlay],
-        upto: u64,
-    ) -> Result<(), StoreError> {
-        for overlay in overlays {
-            apply(db, overlay.iter().map(|(k, v)| (k, v.as_ref()))).map_err(self.sled_err())?;
-        }
-        self.make_durable(db)?;
-        let named = self
-            .wal
-            .lock()
-            .remove_retired_before(upto)
-            .map_err(self.wal_err("removing old segments from"))?;
-        self.finish_naming(named)
-            .map_err(self.wal_err("syncing the directory of"))
-    }
-
-    /// Syncs the log's directory without holding the log's lock (commits
-    /// go on meanwhile), then tells the log which segment is named ahead.
-    fn finish_naming(&self, named: Named) -> std::io::Result<()> {
-        let next = named.sync()?;
-        self.wal.lock().named(next)
-    }
-
-    /// sled's `flush()` plus an `fdatasync` of its log: everything applied
-    /// to `db` so far is on the device.
-    fn make_durable(&self, db: &sled::Db) -> Result<(), StoreError> {
-        db.flush().map_err(self.sled_err())?;
-        if let Some(log) = &*self.sled_log.lock() {
-            // sled's flush() ends in sync_file_range, which does not reach
-            // the device; this does.
-            log.sync_data().map_err(|source| {
-                self.broken.store(true, Ordering::SeqCst);
-                StoreError::Io {
-                    what: "syncing",
-                    path: self.db_path.join("db"),
-                    source,
-                }
-            })?;
-        }
-        Ok(())
-    }
-
-    /// The checkpointer thread: writes frozen changes into sled, makes them
-    /// durable, deletes the log segments they came from. A failed checkpoint
-    /// is retried (reopening sled first if it broke) every [`REOPEN_INTERVAL`]
-    /// until it succeeds; the log keeps everything meanwhile.
-    fn run_checkpoints(&self, rx: std::sync::mpsc::Receiver<Checkpoint>) {
-        use std::sync::mpsc::RecvTimeoutError;
-        lower_this_threads_priority();
-        let mut todo: Option<Checkpoint> = None;
-        let mut spare_retry = std::time::Instant::now();
-        loop {
-            if std::time::Instant::now() >= spare_retry && !self.ensure_spare() {
-                spare_retry = std::time::Instant::now() + SPARE_RETRY;
-            }
-            match rx.recv_timeout(REOPEN_INTERVAL) {
-                Ok(next) => todo = Some(next),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
-            }
-            let Some(job) = &todo else { continue };
-            if self.broken.load(Ordering::SeqCst) {
-                if let Err(e) = self.reopen() {
-                    tracing::warn!(error = %e, "could not reopen the database; will retry");
-                    continue;
-                }
-            }
-            match self.checkpoint(job) {
-                Ok(()) => todo = None,
-                Err(e) => {
-                    tracing::error!(error = %e, "checkpoint failed; the log keeps everything; will retry")
-                }
-            }
-        }
-    }
-
-    /// Prepares a preallocated spare segment for the log if it has none.
-    /// Returns false if that failed (try again later).
-    fn ensure_spare(&self) -> bool {
-        if !self.wal.lock().wants_spare() {
-            return true;
-        }
-        // Filling the spare takes a while: not under the log's lock.
-        let result =
-            Wal::prepare_spare(&self.wal_path, self.options.segment_bytes).and_then(|prepared| {
-                match prepared {
-                    true => {
-                        let named = self.wal.lock().install_spare()?;
-                        self.finish_naming(named).map(|()| true)
-                    }
-                    false => Ok(false),
-                }
-            });
-        match result {
-            Ok(prepared) => prepared,
-            Err(e) => {
-                tracing::warn!(error = %e, path = %self.wal_path.display(), "could not preallocate a log segment; writes stay slower until one is ready");
-                false
-            }
-        }
-    }
-
-    fn checkpoint(&self, job: &Checkpoint) -> Result<(), StoreError> {
-        let db = self.db()?;
-        self.checkpoint_into(&db, &[&job.frozen], job.upto)?;
-        self.pending.lock().frozen = None;
-        Ok(())
-    }
-
-    /// Reopens sled after an I/O error. sled recovers the last checkpoint
-    /// plus a prefix of what was written since, and the checkpoint being
-    /// retried writes every key it covers again, so nothing is lost.
-    fn reopen(&self) -> Result<(), StoreError> {
-        let mut slot = self.db.lock();
-        // sled locks its directory until the last handle is gone.
-        drop(slot.take());
-        *self.sled_log.lock() = None;
-        let db = open_sled(&self.db_path, &self.options)?;
-        *self.sled_log.lock() = Some(open_sled_log(&self.db_path)?);
-        *slot = Some(db);
-        self.broken.store(false, Ordering::SeqCst);
-        tracing::warn!(path = %self.db_path.display(), "reopened the database after an I/O error");
-        Ok(())
-    }
-}
-
-/// Checkpoints and spare segments are background work: a checkpoint writes
-/// a second's worth of changes into sled in one burst (≈ 17 ms of CPU at
-/// 20k cycles/s), and on two cores that burst took a core from the threads
-/// answering requests, which showed as a latency spike every second. At
-/// nice 10 the scheduler gives it about a tenth of a busy core and all of an
-/// idle one (measured: cycle p99 down 0.1–0.9 ms in six of six interleaved
-/// runs, throughput +3–6 %). It still finishes long before the next freeze,
-/// and if it ever fell behind the log would only grow until it caught up.
-const CHECKPOINT_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority to [`CHECKPOINT_NICE`]. On Linux a
-/// thread's nice value is its own, so only this thread is affected.
-fn lower_this_threads_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(e) =
-        rustix::process::setpriority_process(Some(rustix::thread::gettid()), CHECKPOINT_NICE)
-    {
-        tracing::debug!(error = %e, "could not lower the checkpoint thread's priority");
-    }
-}
-
-/// Writes changes into sled, in order.
-fn apply<'a>(
-    db: &sled::Db,
-    changes: impl Iterator<Item = (&'a Vec<u8>, Option<&'a Vec<u8>>)>,
-) -> Result<(), sled::Error> {
-    for (k, v) in changes {
-        match v {
-            Some(v) => drop(db.insert(k.as_slice(), v.as_slice())?),
-            None => drop(db.remove(k.as_slice())?),
-        }
-    }
-    Ok(())
-}
-
-fn open_sled(path: &Path, options: &StoreOptions) -> Result<sled::Db, StoreError> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(options.cache_bytes)
-        .flush_every_ms(Some(500))
-        .open()
-        .map_err(|source| StoreError::Sled {
-            path: path.to_owned(),
-            source,
-        })
-}
-
-/// sled 0.34 keeps its log (every segment) in `db/db`; snapshots are
-/// written and synced by sled itself.
-fn open_sled_log(db_path: &Path) -> Result<File, StoreError> {
-    let path = db_path.join("db");
-    File::open(&path).map_err(|source| StoreError::Io {
-        what: "opening",
-        path,
-        source,
-    })
-}
-
-fn lease_key(resource: &Resource) -> Vec<u8> {
-    tagged(b'L', resource.as_str().as_bytes())
-}
-
-fn request_key(key: &RequestId) -> Vec<u8> {
-    tagged(b'R', key.as_str().as_bytes())
-}
-
-fn history_prefix(resource: &Resource) -> Vec<u8> {
-    // Resources never contain `\0` (no control characters), so the separator
-    // keeps "a" from matching the history of "ab".
-    let mut k = tagged(b'H', resource.as_str().as_bytes());
-    k.push(0);
-    k
-}
-
-fn history_key(resource: &Resource, token: FencingToken) -> Vec<u8> {
-    let mut k = history_prefix(resource);
-    k.extend_from_slice(&token.0.to_be_bytes());
-    k
-}
-
-/// The token at the end of a [`history_key`].
-fn history_token(key: &[u8]) -> Option<u64> {
-    let at = key.len().checked_sub(8)?;
-    Decoder::new(&key[at..]).u64()
-}
-
-fn tagged(tag: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(rest.len() + 1);
-    k.push(tag);
-    k.extend_from_slice(rest);
-    k
-}
-
-// ---- record encoding: version byte, then fixed fields, then length-prefixed strings ----
-
-const VERSION: u8 = 1;
-
-struct Encoder(Vec<u8>);
-
-impl Encoder {
-    fn new() -> Self {
-        Encoder(vec![VERSION])
-    }
-    fn u64(mut self, v: u64) -> Self {
-        self.0.extend_from_slice(&v.to_be_bytes());
-        self
-    }
-    fn bytes(mut self, b: &[u8]) -> Self {
-        // Every string is validated to at most 512 bytes, so u16 suffices.
-        self.0.extend_from_slice(&(b.len() as u16).to_be_bytes());
-        self.0.extend_from_slice(b);
-        self
-    }
-}
-
-struct Decoder<'a>(&'a [u8]);
-
-impl<'a> Decoder<'a> {
-    fn new(b: &'a [u8]) -> Self {
-        Decoder(b)
-    }
-    fn versioned(b: &'a [u8]) -> Option<Self> {
-        match b.split_first() {
-            Some((&VERSION, rest)) => Some(Decoder(rest)),
-            _ => None,
-        }
-    }
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Some(head)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn bytes(&mut self) -> Option<&'a [u8]> {
-        let len = u16::from_be_bytes(self.take(2)?.try_into().ok()?) as usize;
-        self.take(len)
-    }
-    fn text(&mut self) -> Option<&'a str> {
-        std::str::from_utf8(self.bytes()?).ok()
-    }
-    fn lease_id(&mut self) -> Option<LeaseId> {
-        Some(LeaseId(self.take(16)?.try_into().ok()?))
-    }
-}
-
-fn encode_lease(r: &LeaseRecord) -> Vec<u8> {
-    let mut e = Encoder::new();
-    e.0.extend_from_slice(&r.lease_id.0);
-    e.u64(r.token.0)
-        .u64(r.ttl.as_millis() as u64)
-        .u64(r.acquired_unix_ms)
-        .bytes(r.holder.as_str().as_bytes())
-        .bytes(
-            r.request_id
-                .as_ref()
-                .map_or(&b""[..], |k| k.as_str().as_bytes()),
-        )
-        .0
-}
-
-fn decode_lease(resource: &[u8], v: &[u8]) -> Option<LeaseRecord> {
-    let mut d = Decoder::versioned(v)?;
-    let lease_id = d.lease_id()?;
-    let token = FencingToken(d.u64()?);
-    let ttl = Duration::from_millis(d.u64()?);
-    let acquired_unix_ms = d.u64()?;
-    let holder = Holder::new(d.text()?).ok()?;
-    let request_id = RequestId::new_optional(d.text()?).ok()?;
-    let resource = Resource::new(std::str::from_utf8(resource).ok()?).ok()?;
-    Some(LeaseRecord {
-        resource,
-        lease_id,
-        token,
-        holder,
-        ttl,
-        acquired_unix_ms,
-        request_id,
-    })
-}
-
-fn encode_request(r: &LeaseRecord) -> Vec<u8> {
-    let mut e = Encoder::new()
-        .bytes(r.resource.as_str().as_bytes())
-        .bytes(r.holder.as_str().as_bytes())
-        .u64(r.ttl.as_millis() as u64);
-    e.0.extend_from_slice(&r.lease_id.0);
-    e.u64(r.token.0).u64(r.acquired_unix_ms).0
-}
-
-fn decode_request(v: &[u8]) -> Option<RequestRecord> {
-    let mut d = Decoder::versioned(v)?;
-    Some(RequestRecord {
-        resource: Resource::new(d.text()?).ok()?,
-        holder: Holder::new(d.text()?).ok()?,
-        ttl: Duration::from_millis(d.u64()?),
-        lease_id: d.lease_id()?,
-        token: FencingToken(d.u64()?),
-        recorded_unix_ms: d.u64()?,
-    })
-}
-
-fn end_code(how: Option<EndKind>) -> u64 {
-    match how {
-        None => 0,
-        Some(EndKind::Released) => 1,
-        Some(EndKind::Expired) => 2,
-        Some(EndKind::Revoked) => 3,
-    }
-}
-
-fn encode_history(r: &LeaseRecord, ended: Option<(EndKind, u64)>) -> Vec<u8> {
-    Encoder::new()
-        .u64(r.ttl.as_millis() as u64)
-        .u64(r.acquired_unix_ms)
-        .u64(end_code(ended.map(|e| e.0)))
-        .u64(ended.map_or(0, |e| e.1))
-        .bytes(r.holder.as_str().as_bytes())
-        .0
-}
-
-fn decode_history(token: FencingToken, v: &[u8]) -> Option<GrantRecord> {
-    let mut d = Decoder::versioned(v)?;
-    let ttl = Duration::from_millis(d.u64()?);
-    let acquired_unix_ms = d.u64()?;
-    let how = match d.u64()? {
-        0 => None,
-        1 => Some(EndKind::Released),
-        2 => Some(EndKind::Expired),
-        3 => Some(EndKind::Revoked),
-        _ => return None,
-    };
-    let at = d.u64()?;
-    Some(GrantRecord {
-        token,
-        holder: d.text()?.to_owned(),
-        ttl,
-        acquired_unix_ms,
-        ended: how.map(|h| (h, at)),
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::lease::{Holder, LeaseId};
+    use checkpoint::CHECKPOINT_NICE;
 
     /// A lease record for tests (here and in `commit`).
     pub(crate) fn record(resource: &str, token: u64, key: Option<&str>) -> LeaseRecord {
