@@ -330,6 +330,10 @@ pub struct KeyOptions {
     /// Create the file if it is missing even though the data directory is
     /// not new (`serve --create-signing-key`).
     pub create: bool,
+    /// Send leases without a signed fence (`serve --no-signed-fences`): saves
+    /// one Ed25519 signature per grant, for deployments whose storage does
+    /// not verify. The keys are still loaded and served.
+    pub no_signed_fences: bool,
 }
 
 /// Why the keys cannot be loaded, saved or changed.

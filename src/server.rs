@@ -157,9 +157,12 @@ pub async fn serve(
         builder = builder.tls_config(tls.load()?)?;
     }
     let max_bytes = config.limits.max_message_bytes;
-    let lease_service =
-        LeaseServiceServer::new(LeaseApi::new(coordinator.clone()).with_keys(keys.clone()))
-            .max_decoding_message_size(max_bytes);
+    let mut lease_api = LeaseApi::new(coordinator.clone()).with_keys(keys.clone());
+    if config.keys.no_signed_fences {
+        tracing::warn!("--no-signed-fences: leases carry no signed fence; storage that verifies will refuse their writes");
+        lease_api = lease_api.without_signing();
+    }
+    let lease_service = LeaseServiceServer::new(lease_api).max_decoding_message_size(max_bytes);
     let admin_service = InterceptedService::new(
         AdminServiceServer::new(AdminApi::new(coordinator.clone()).with_keys(keys))
             .max_decoding_message_size(max_bytes),

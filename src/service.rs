@@ -87,6 +87,8 @@ pub fn key_to_proto(k: &KeyInfo) -> proto::PublicKey {
 pub struct LeaseApi {
     coordinator: Coordinator,
     keys: Option<Keys>,
+    /// Whether leases carry a signed fence (`serve --no-signed-fences`: no).
+    sign: bool,
 }
 
 impl LeaseApi {
@@ -95,12 +97,20 @@ impl LeaseApi {
         LeaseApi {
             coordinator,
             keys: None,
+            sign: false,
         }
     }
 
     /// Signs every lease it sends with `keys` and serves their public halves.
     pub fn with_keys(mut self, keys: Keys) -> Self {
         self.keys = Some(keys);
+        self.sign = true;
+        self
+    }
+
+    /// Serves the public keys but signs no lease (`serve --no-signed-fences`).
+    pub fn without_signing(mut self) -> Self {
+        self.sign = false;
         self
     }
 
@@ -108,7 +118,7 @@ impl LeaseApi {
     /// (signed here, outside the coordinator's lock, from the lease record).
     fn signed_lease(&self, v: &LeaseView) -> proto::Lease {
         let mut lease = lease_to_proto(v);
-        if let Some(keys) = &self.keys {
+        if let Some(keys) = self.keys.as_ref().filter(|_| self.sign) {
             let r = &v.record;
             lease.signed_fence = keys
                 .sign(r.resource.as_str(), r.token.0, r.acquired_unix_ms)

@@ -80,6 +80,10 @@ pub struct ServeArgs {
     /// directory is not new (storage must then be given the new public key).
     #[arg(long)]
     pub create_signing_key: bool,
+    /// Send leases without a signed fence (saves one Ed25519 signature per
+    /// grant; only for storage that does not verify signed fences).
+    #[arg(long)]
+    pub no_signed_fences: bool,
 }
 
 impl ServeArgs {
@@ -126,6 +130,7 @@ impl ServeArgs {
             keys: KeyOptions {
                 path: self.signing_key.clone(),
                 create: self.create_signing_key,
+                no_signed_fences: self.no_signed_fences,
             },
             coordinator: Config {
                 bounds: Bounds {

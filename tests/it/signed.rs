@@ -296,6 +296,29 @@ async fn a_rotated_out_key_verifies_until_it_is_retired() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_signed_fences_sends_leases_without_one_and_still_serves_the_keys() {
+    let options = ServerConfig {
+        keys: leasehold::keys::KeyOptions {
+            no_signed_fences: true,
+            ..Default::default()
+        },
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start_with_options(Default::default(), options).await;
+    let mut c = server.client().await;
+    let lease = grant(&mut c, acquire_req("r", "w", 30_000)).await;
+    assert!(lease.signed_fence.is_empty());
+    assert_eq!(fetch_verifier(&server.url()).await.keys().count(), 1);
+    // A store that verifies refuses its writes: unsigned mode is opt-in.
+    let mut store = Store::start(fetch_verifier(&server.url()).await).await;
+    refused(
+        store.put("k", Some(("r", lease.token)), None).await,
+        Code::InvalidArgument,
+        SIGNED_METADATA_KEY,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_keeps_the_keys() {
     let mut server = TestServer::start().await;
     let mut c = server.client().await;
