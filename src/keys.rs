@@ -777,6 +777,7 @@ mod tests {
         let options = KeyOptions {
             path: Some(elsewhere.clone()),
             create: true,
+            ..KeyOptions::default()
         };
         Keys::open(&data, &options, false).unwrap();
         assert!(elsewhere.exists());
