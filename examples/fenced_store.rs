@@ -2,13 +2,22 @@
 //! process, for demos and for the crash tests.
 //!
 //! ```text
-//! fenced_store --listen 127.0.0.1:0 --data-dir DIR
+//! fenced_store --listen 127.0.0.1:0 --data-dir DIR [--verify-key FILE|URL]
 //! fenced_store --listen 127.0.0.1:0 --postgres postgres://user@host:port/db
 //! ```
 //!
-//! With `--postgres URL` (built with `--features postgres`) the data and the
-//! fences live in that PostgreSQL database instead of sled
-//! ([`leasehold_guard::pg::fenced_kv`]); the tables are created if missing.
+//! With `--postgres URL` the data and the fences live in that PostgreSQL
+//! database instead of sled ([`leasehold_guard::pg::fenced_kv`]); the tables
+//! are created if missing. (That back end takes plain fences only.)
+//!
+//! With `--verify-key`, Put accepts only writes carrying the lease's signed
+//! fence (`leasehold-fence-bin`), verified offline with the coordinator's
+//! public keys, and writes with the token inside it. The value is either a
+//! key file (`leasehold keys export > keys.pub`; read at start) or the
+//! coordinator's URL (`http://…` / `https://…`), whose `PublicKeys` are
+//! fetched **once at start**: after a `leasehold keys rotate`, restart the
+//! store (or re-export the file) before the new key's fences arrive, or
+//! they are refused as signed by an unknown key.
 //!
 //! Once bound it prints exactly one line to stdout, `listening on ADDR`
 //! (with the real port when asked for port 0), and serves until SIGINT or
@@ -21,6 +30,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use leasehold::cli::common::ConnectArgs;
+use leasehold_fence::signed::FenceVerifier;
+use leasehold_guard::fenced_kv::FencedKvService;
 use tracing_subscriber::EnvFilter;
 
 /// A key-value store that refuses writes carrying stale fencing tokens.
@@ -38,9 +50,32 @@ struct Args {
     )]
     data_dir: Option<PathBuf>,
     /// Keep the data and the fences in this PostgreSQL database instead
-    /// (`postgres://user@host:port/db`; needs the `postgres` feature).
-    #[arg(long, value_name = "URL")]
+    /// (`postgres://user@host:port/db`).
+    #[arg(long, value_name = "URL", conflicts_with = "verify_key")]
     postgres: Option<String>,
+    /// Require signed fences, verified with these public keys: a key file
+    /// (`leasehold keys export`) or the coordinator's URL (fetched once).
+    #[arg(long)]
+    verify_key: Option<String>,
+}
+
+/// The verifier `--verify-key` names: a coordinator URL or a key file.
+async fn verifier(source: &str) -> anyhow::Result<FenceVerifier> {
+    if source.starts_with("http://") || source.starts_with("https://") {
+        let connect = ConnectArgs {
+            server: source.to_owned(),
+            ca_cert: None,
+            client_cert: None,
+            client_key: None,
+        };
+        let keys = leasehold::cli::keys::fetch(&connect)
+            .await
+            .with_context(|| format!("cannot fetch the public keys from {source}"))?;
+        return leasehold::cli::keys::verifier(&keys);
+    }
+    let text = std::fs::read_to_string(source)
+        .with_context(|| format!("cannot read the key file {source}"))?;
+    FenceVerifier::from_key_file(&text).with_context(|| format!("the key file {source}"))
 }
 
 #[tokio::main]
@@ -53,6 +88,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    // The store is opened (and the keys fetched) before the port is
+    // announced, so a caller that saw `listening on` talks to a ready store.
+    let sled = match &args.data_dir {
+        Some(dir) => Some(sled_service(dir, args.verify_key.as_deref()).await?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -65,21 +106,43 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush().context("cannot flush stdout")?;
     drop(stdout);
 
-    match (args.postgres, args.data_dir) {
-        (Some(url), _) => serve_postgres(listener, &url).await,
-        (None, Some(data_dir)) => {
-            leasehold_guard::fenced_kv::serve(listener, &data_dir, shutdown_signal())
+    match (sled, args.postgres) {
+        (Some(service), _) => {
+            leasehold_guard::fenced_kv::serve_service(listener, service, shutdown_signal())
                 .await
                 .context("the fenced store failed")
         }
-        (None, None) => unreachable!("clap requires --data-dir or --postgres"),
+        (None, Some(url)) => {
+            leasehold_guard::pg::fenced_kv::serve(listener, &url, shutdown_signal())
+                .await
+                .context("the fenced store (PostgreSQL) failed")
+        }
+        (None, None) => anyhow::bail!("give --data-dir DIR or --postgres URL"),
     }
 }
 
-async fn serve_postgres(listener: tokio::net::TcpListener, url: &str) -> anyhow::Result<()> {
-    leasehold_guard::pg::fenced_kv::serve(listener, url, shutdown_signal())
-        .await
-        .context("the fenced store (PostgreSQL) failed")
+/// The sled-backed service, verifying signed fences when `verify_key` names
+/// the coordinator's keys.
+async fn sled_service(
+    data_dir: &std::path::Path,
+    verify_key: Option<&str>,
+) -> anyhow::Result<FencedKvService> {
+    let mut service = FencedKvService::open(data_dir)
+        .with_context(|| format!("cannot open the store in {}", data_dir.display()))?;
+    if let Some(source) = verify_key {
+        let verifier = verifier(source).await?;
+        anyhow::ensure!(
+            !verifier.is_empty(),
+            "--verify-key {source} holds no key: every write would be refused"
+        );
+        let ids: Vec<String> = verifier
+            .keys()
+            .map(|(k, s)| format!("{} ({})", k.id(), s.as_str()))
+            .collect();
+        tracing::info!(keys = %ids.join(", "), "writes need signed fences");
+        service = service.with_verifier(verifier);
+    }
+    Ok(service)
 }
 
 /// Completes on SIGINT (ctrl-c) or SIGTERM.

@@ -20,9 +20,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{Coordinator, Event, WATCH_BUFFER};
+use crate::keys::{KeySetError, Keys, KeysError};
 use crate::lease::{EndKind, FencingToken, InvalidField, LeaseId, Resource};
 use crate::proto::{self, admin_service_server::AdminService};
-use crate::service::{invalid, ms, status};
+use crate::service::{invalid, key_to_proto, ms, status};
 use crate::state::{Change, LeaseMatch, LeaseRecord, LeaseView};
 use crate::store::GrantRecord;
 
@@ -120,16 +121,47 @@ fn revoke_match(r: &proto::RevokeRequest) -> Result<Option<LeaseMatch>, InvalidF
     Ok((r.token != 0).then_some(LeaseMatch::Token(FencingToken(r.token))))
 }
 
+/// A key error as the status an operator can act on.
+fn key_status(e: KeysError) -> Status {
+    match &e {
+        KeysError::Set(KeySetError::UnknownKey(_)) => Status::not_found(e.to_string()),
+        KeysError::Set(KeySetError::RetireSigning(_)) => Status::failed_precondition(e.to_string()),
+        KeysError::Set(KeySetError::DuplicateId(_)) => Status::aborted(e.to_string()),
+        KeysError::Io { .. } | KeysError::Random(_) => {
+            Status::unavailable(format!("{e}; nothing changed: the key file is as it was"))
+        }
+        KeysError::Set(KeySetError::Damaged(_))
+        | KeysError::Damaged { .. }
+        | KeysError::Missing { .. } => Status::internal(e.to_string()),
+    }
+}
+
 /// The `AdminService` implementation.
 #[derive(Clone)]
 pub struct AdminApi {
     coordinator: Coordinator,
+    keys: Option<Keys>,
 }
 
 impl AdminApi {
     /// A service over `coordinator`.
     pub fn new(coordinator: Coordinator) -> Self {
-        AdminApi { coordinator }
+        AdminApi {
+            coordinator,
+            keys: None,
+        }
+    }
+
+    /// Rotates and retires `keys` (RotateKey, RetireKey).
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    fn keys(&self) -> Result<Keys, Status> {
+        self.keys
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this server has no signing keys"))
     }
 }
 
@@ -249,6 +281,43 @@ impl AdminService for AdminApi {
         let grants = self.coordinator.history(&resource, limit).map_err(status)?;
         Ok(Response::new(proto::HistoryResponse {
             grants: grants.iter().map(grant_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(name = "RotateKey", skip_all)]
+    async fn rotate_key(
+        &self,
+        _request: Request<proto::RotateKeyRequest>,
+    ) -> Result<Response<proto::RotateKeyResponse>, Status> {
+        let keys = self.keys()?;
+        // Writes and syncs the key file: off the async workers.
+        let key = tokio::task::spawn_blocking(move || keys.rotate())
+            .await
+            .map_err(|e| Status::internal(format!("the rotation task failed: {e}")))?
+            .map_err(key_status)?;
+        Ok(Response::new(proto::RotateKeyResponse {
+            key: Some(key_to_proto(&key)),
+        }))
+    }
+
+    #[tracing::instrument(name = "RetireKey", skip_all, fields(key_id = %request.get_ref().key_id))]
+    async fn retire_key(
+        &self,
+        request: Request<proto::RetireKeyRequest>,
+    ) -> Result<Response<proto::RetireKeyResponse>, Status> {
+        let keys = self.keys()?;
+        let id = request.into_inner().key_id.parse().map_err(
+            |e: leasehold_fence::signed::KeyError| {
+                invalid(InvalidField::new("key_id", e.to_string()))
+            },
+        )?;
+        let (key, retired) = tokio::task::spawn_blocking(move || keys.retire(id))
+            .await
+            .map_err(|e| Status::internal(format!("the retirement task failed: {e}")))?
+            .map_err(key_status)?;
+        Ok(Response::new(proto::RetireKeyResponse {
+            key: Some(key_to_proto(&key)),
+            retired,
         }))
     }
 

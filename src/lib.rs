@@ -14,6 +14,7 @@
 //! - `commit` (internal): group commit; one writer at a time, one write per batch.
 //! - [`clock`]: the time the coordinator is handed (Tokio's, so tests can pause it).
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
+//! - [`keys`]: the signing keys (a pure key set, its file); fences are signed with them.
 //! - `service` (internal): the gRPC edge; errors become statuses here.
 //! - `admin` (internal): the operator API (list, revoke, watch, history, stats).
 //! - [`auth`]: the admin bearer token, checked in constant time.
@@ -77,6 +78,7 @@ pub mod cli;
 pub mod clock;
 pub(crate) mod commit;
 pub mod coordinator;
+pub mod keys;
 pub mod lease;
 pub mod server;
 pub(crate) mod service;

@@ -33,6 +33,7 @@ use tonic::Status;
 use crate::admin::AdminApi;
 use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
+use crate::keys::{self, KeyOptions, Keys, KeysError};
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
 use crate::service::LeaseApi;
@@ -54,6 +55,8 @@ pub struct ServerConfig {
     pub insecure_admin: bool,
     /// Transport limits.
     pub limits: TransportLimits,
+    /// Where the signing keys live (default `DATA_DIR/signing-keys`).
+    pub keys: KeyOptions,
 }
 
 /// TransportLimits on what one client can make the transport hold.
@@ -80,6 +83,9 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The signing keys could not be loaded or created.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
     /// gRPC reflection could not be set up (a build problem).
     #[error("gRPC reflection could not be set up: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -97,26 +103,44 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let coordinator = open(&config)?;
-    serve(listener, config, coordinator, shutdown).await
+    let opened = open(&config)?;
+    serve(listener, config, opened, shutdown).await
 }
 
-/// Opens the store and restores the lease table: everything that can fail
-/// because of the data directory, before the server announces itself.
-pub fn open(config: &ServerConfig) -> Result<Coordinator, ServerError> {
-    Ok(Coordinator::open(
-        &config.data_dir,
-        config.coordinator.clone(),
-    )?)
+/// What [`open`] opened: the coordinator and its signing keys.
+#[derive(Clone)]
+pub struct Opened {
+    /// The lease table over its store.
+    pub coordinator: Coordinator,
+    /// The keys that sign every lease's fence.
+    pub keys: Keys,
+}
+
+/// Opens the store, restores the lease table and loads the signing keys:
+/// everything that can fail because of the data directory, before the
+/// server announces itself.
+pub fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
+    // Asked before the store creates its files: only a new data directory
+    // gets a new key without being told to.
+    let data_dir_was_new = keys::data_dir_is_new(&config.data_dir);
+    let coordinator = Coordinator::open(&config.data_dir, config.coordinator.clone())?;
+    match Keys::open(&config.data_dir, &config.keys, data_dir_was_new) {
+        Ok(keys) => Ok(Opened { coordinator, keys }),
+        Err(e) => {
+            coordinator.shutdown();
+            Err(e.into())
+        }
+    }
 }
 
 /// Serves an opened coordinator on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
     config: ServerConfig,
-    coordinator: Coordinator,
+    opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    let Opened { coordinator, keys } = opened;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -133,10 +157,14 @@ pub async fn serve(
         builder = builder.tls_config(tls.load()?)?;
     }
     let max_bytes = config.limits.max_message_bytes;
-    let lease_service = LeaseServiceServer::new(LeaseApi::new(coordinator.clone()))
-        .max_decoding_message_size(max_bytes);
+    let mut lease_api = LeaseApi::new(coordinator.clone()).with_keys(keys.clone());
+    if config.keys.no_signed_fences {
+        tracing::warn!("--no-signed-fences: leases carry no signed fence; storage that verifies will refuse their writes");
+        lease_api = lease_api.without_signing();
+    }
+    let lease_service = LeaseServiceServer::new(lease_api).max_decoding_message_size(max_bytes);
     let admin_service = InterceptedService::new(
-        AdminServiceServer::new(AdminApi::new(coordinator.clone()))
+        AdminServiceServer::new(AdminApi::new(coordinator.clone()).with_keys(keys))
             .max_decoding_message_size(max_bytes),
         gate,
     );

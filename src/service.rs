@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
 use crate::coordinator::{AcquireOutcome, AcquireRequest, Coordinator, CoordinatorError};
+use crate::keys::{KeyInfo, KeyState, Keys};
 use crate::lease::{FencingToken, Holder, InvalidField, LeaseId, RequestId, Resource};
 use crate::proto::{self, lease_service_server::LeaseService};
 use crate::state::{LeaseView, StateError};
@@ -61,6 +62,23 @@ pub fn lease_to_proto(v: &LeaseView) -> proto::Lease {
         holder: v.record.holder.to_string(),
         ttl_ms: ms(v.record.ttl),
         expires_in_ms: ms(v.expires_in),
+        signed_fence: Vec::new(),
+    }
+}
+
+/// The wire form of a signing key.
+pub fn key_to_proto(k: &KeyInfo) -> proto::PublicKey {
+    let status = match k.state {
+        KeyState::Signing => proto::KeyStatus::Signing,
+        KeyState::Active => proto::KeyStatus::Active,
+        KeyState::Retired => proto::KeyStatus::Retired,
+    };
+    proto::PublicKey {
+        key_id: k.public.id().to_string(),
+        public_key: k.public.to_bytes().to_vec(),
+        status: status as i32,
+        created_at_unix_ms: k.created_unix_ms,
+        retired_at_unix_ms: k.retired_unix_ms.unwrap_or(0),
     }
 }
 
@@ -68,12 +86,46 @@ pub fn lease_to_proto(v: &LeaseView) -> proto::Lease {
 #[derive(Clone)]
 pub struct LeaseApi {
     coordinator: Coordinator,
+    keys: Option<Keys>,
+    /// Whether leases carry a signed fence (`serve --no-signed-fences`: no).
+    sign: bool,
 }
 
 impl LeaseApi {
     /// A service over `coordinator`.
     pub fn new(coordinator: Coordinator) -> Self {
-        LeaseApi { coordinator }
+        LeaseApi {
+            coordinator,
+            keys: None,
+            sign: false,
+        }
+    }
+
+    /// Signs every lease it sends with `keys` and serves their public halves.
+    pub fn with_keys(mut self, keys: Keys) -> Self {
+        self.keys = Some(keys);
+        self.sign = true;
+        self
+    }
+
+    /// Serves the public keys but signs no lease (`serve --no-signed-fences`).
+    pub fn without_signing(mut self) -> Self {
+        self.sign = false;
+        self
+    }
+
+    /// The wire form of a lease for its holder, with its signed fence
+    /// (signed here, outside the coordinator's lock, from the lease record).
+    fn signed_lease(&self, v: &LeaseView) -> proto::Lease {
+        let mut lease = lease_to_proto(v);
+        if let Some(keys) = self.keys.as_ref().filter(|_| self.sign) {
+            let r = &v.record;
+            lease.signed_fence = keys
+                .sign(r.resource.as_str(), r.token.0, r.acquired_unix_ms)
+                .as_bytes()
+                .to_vec();
+        }
+        lease
     }
 }
 
@@ -143,7 +195,7 @@ impl LeaseService for LeaseApi {
         let outcome = match self.coordinator.acquire(req).await.map_err(status)? {
             AcquireOutcome::Lease(v) => {
                 record_lease(&Span::current(), &v);
-                proto::acquire_response::Outcome::Lease(lease_to_proto(&v))
+                proto::acquire_response::Outcome::Lease(self.signed_lease(&v))
             }
             AcquireOutcome::Held {
                 holder,
@@ -185,7 +237,7 @@ impl LeaseService for LeaseApi {
         span.record("resource", v.record.resource.as_str());
         span.record("holder", v.record.holder.as_str());
         Ok(Response::new(proto::RenewResponse {
-            lease: Some(lease_to_proto(&v)),
+            lease: Some(self.signed_lease(&v)),
         }))
     }
 
@@ -258,6 +310,17 @@ impl LeaseService for LeaseApi {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ReleaseResponse { released }))
+    }
+
+    #[tracing::instrument(name = "PublicKeys", level = "debug", skip_all)]
+    async fn public_keys(
+        &self,
+        _request: Request<proto::PublicKeysRequest>,
+    ) -> Result<Response<proto::PublicKeysResponse>, Status> {
+        let keys = self.keys.as_ref().map_or_else(Vec::new, Keys::list);
+        Ok(Response::new(proto::PublicKeysResponse {
+            keys: keys.iter().map(key_to_proto).collect(),
+        }))
     }
 
     #[tracing::instrument(name = "Describe", level = "debug", skip_all, fields(resource = %request.get_ref().resource, holder = field::Empty, token = field::Empty))]

@@ -17,6 +17,16 @@
 //! without flush and ≈ 7,400/s group-flushed on 2 cores (issue #6), against
 //! ≈ 190,000–250,000 and ≈ 80,000–100,000/s for the fast path.
 //!
+//! With `--signed`, two runs of signed-fence checks instead, each on one
+//! thread (one core), through [`MemoryGuard::check_signed`]: verify the
+//! coordinator's signed fence for the resource, then the rule with the
+//! token inside it:
+//! - `guard-signed`: a verifier without its cache, so every check pays the
+//!   full Ed25519 verification (the cost of a lease's first write).
+//! - `guard-signed-cached`: the default verifier, one fence per resource
+//!   written again and again (a lease's later writes): verified fences are
+//!   remembered, so a check is a look-up.
+//!
 //! Latency: the memory run times batches of [`BATCH`] checks and records
 //! each batch's mean per check (timing every 100-ns check would double its
 //! cost); the sled runs time every write. Checks: a stale token is refused
@@ -27,7 +37,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{BenchError, Check, Report, Tally, Window};
-use leasehold_guard::{GuardError, MemoryGuard, SledGuard};
+use leasehold_fence::signed::{FenceSigner, FenceVerifier, KeyStatus, SignedFenceError};
+use leasehold_guard::{GuardError, MemoryGuard, SignedWriteError, SledGuard};
 
 /// Checks per timed batch in the memory run.
 pub const BATCH: u64 = 256;
@@ -53,12 +64,18 @@ pub struct GuardOptions {
     /// Stop each run after this many ops.
     #[arg(long, default_value_t = 100_000_000)]
     pub max_ops: u64,
+    /// Measure signed-fence checks (verify, then the rule) instead.
+    #[arg(long)]
+    pub signed: bool,
 }
 
 /// Runs the three guard runs; returns their reports in order.
 pub async fn run(g: &GuardOptions) -> Result<Vec<Report>, BenchError> {
     let g = g.clone();
     tokio::task::spawn_blocking(move || {
+        if g.signed {
+            return Ok(vec![signed(&g, false), signed(&g, true)]);
+        }
         let memory = memory(&g);
         let plain = with_sled(|guard, data| sled_run(&g, guard, data, false))?;
         let durable = with_sled(|guard, data| sled_run(&g, guard, data, true))?;
@@ -150,6 +167,93 @@ fn memory(g: &GuardOptions) -> Report {
             "mark-is-last",
             mark == Some(token),
             format!("mark {mark:?}, last token {token}"),
+        ),
+    ];
+    report
+}
+
+/// One thread of [`MemoryGuard::check_signed`] over one fence per
+/// resource (signed before the window opens), timed in batches.
+fn signed(g: &GuardOptions, cached: bool) -> Report {
+    let signer = FenceSigner::from_secret(&[0x5e; 32]);
+    let mut verifier = FenceVerifier::new().with_key(signer.public_key(), KeyStatus::Active);
+    if !cached {
+        verifier = verifier.uncached();
+    }
+    let guard = MemoryGuard::new();
+    let names = names(g.resources);
+    let fences: Vec<Vec<u8>> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| signer.sign(name, 1000 + i as u64, 0).as_bytes().to_vec())
+        .collect();
+    let window = Window::new(g.warmup, g.duration, g.max_ops);
+    let mut tally = Tally::default();
+    let (mut i, mut refused) = (0usize, 0u64);
+    // Batches small enough that the uncached run still ends near its window.
+    let batch = if cached { BATCH } else { 16 };
+    while window.running() {
+        let t0 = Instant::now();
+        for _ in 0..batch {
+            // Each resource's own fence: admitted (first, then the same token).
+            if guard
+                .check_signed(&verifier, &names[i], &fences[i])
+                .is_err()
+            {
+                refused += 1;
+            }
+            i = (i + 1) % names.len();
+        }
+        let t1 = Instant::now();
+        if window.measuring(t0) && t1 <= window.to {
+            let per = (t1 - t0) / batch as u32;
+            for _ in 0..batch {
+                tally.hist.record(per);
+            }
+            tally.ops += batch;
+        }
+    }
+    let workload = if cached {
+        "guard-signed-cached"
+    } else {
+        "guard-signed"
+    };
+    let mut report = Report::new(
+        "leasehold",
+        workload,
+        "check",
+        1,
+        0,
+        window.to - window.from,
+        &tally,
+    );
+    // A forged fence claiming u64::MAX, and a fence shown on another
+    // resource, are refused, and the marks stay.
+    let mut forged = fences[0].clone();
+    forged[5..13].copy_from_slice(&u64::MAX.to_be_bytes());
+    let forged_result = guard.check_signed(&verifier, &names[0], &forged);
+    let other = names.len().min(2) - 1;
+    let moved = guard.check_signed(&verifier, &names[other], &fences[0]);
+    report.checks = vec![
+        Check::new(
+            "admitted-genuine",
+            refused == 0 && tally.ops > 0,
+            format!("{refused} genuine fences refused"),
+        ),
+        Check::new(
+            "forged-refused",
+            matches!(
+                forged_result,
+                Err(SignedWriteError::Fence(
+                    SignedFenceError::BadSignature { .. }
+                ))
+            ) && guard.highest(&names[0]) == Some(1000),
+            "a forged fence with token u64::MAX is refused and the mark stays",
+        ),
+        Check::new(
+            "other-resource-refused",
+            other == 0 || moved.is_err(),
+            "a resource's fence is refused on another resource",
         ),
     ];
     report

@@ -136,7 +136,8 @@ pub enum Workload {
         #[command(flatten)]
         common: CommonArgs,
     },
-    /// The guard library in-process (no server): memory checks/s, sled guarded writes/s.
+    /// The guard library in-process (no server): memory checks/s, sled guarded writes/s;
+    /// with --signed, signed-fence checks/s on one core.
     Guard {
         /// The runs' options.
         #[command(flatten)]

@@ -230,7 +230,7 @@ async fn get(args: GetArgs) -> anyhow::Result<i32> {
 }
 
 /// Asks on the terminal; `Ok(false)` when the operator says no.
-fn confirm(question: &str) -> anyhow::Result<bool> {
+pub(crate) fn confirm(question: &str) -> anyhow::Result<bool> {
     let mut stderr = std::io::stderr();
     write!(stderr, "{question} [y/N] ")?;
     stderr.flush()?;

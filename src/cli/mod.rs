@@ -8,6 +8,7 @@ pub mod acquire;
 pub mod bench;
 pub mod common;
 pub mod exit;
+pub mod keys;
 pub mod leases;
 pub mod output;
 pub mod serve;
@@ -33,6 +34,8 @@ pub enum Command {
     Leases(leases::LeasesArgs),
     /// Operators: the coordinator's figures (admin API).
     Status(status::StatusArgs),
+    /// Operators: the keys that sign fences (list, export, rotate, retire).
+    Keys(keys::KeysArgs),
     /// Measure a server: `cycle`, `contended`, `keepalive`, `fill`, `ready`.
     Bench(bench::BenchArgs),
 }
@@ -49,6 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => return serve::run(args).await,
         Command::Leases(args) => leases::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Keys(args) => keys::run(args).await,
         Command::Acquire(args) => return acquire::run(args).await,
         Command::Bench(args) => return bench::run(args).await,
     };

@@ -9,6 +9,7 @@ use clap::Args;
 use crate::auth::AdminToken;
 use crate::clock::Clock;
 use crate::coordinator::Config;
+use crate::keys::KeyOptions;
 use crate::lease::Bounds;
 use crate::server::{self, ServerConfig};
 use crate::state::TableLimits;
@@ -71,6 +72,18 @@ pub struct ServeArgs {
     /// (anyone who can connect may revoke leases).
     #[arg(long)]
     pub insecure_admin: bool,
+    /// The signing key file (default DATA_DIR/signing-keys); created with a
+    /// new key only when the data directory is new.
+    #[arg(long, env = "LEASEHOLD_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Create the signing key file if it is missing even though the data
+    /// directory is not new (storage must then be given the new public key).
+    #[arg(long)]
+    pub create_signing_key: bool,
+    /// Send leases without a signed fence (saves one Ed25519 signature per
+    /// grant; only for storage that does not verify signed fences).
+    #[arg(long)]
+    pub no_signed_fences: bool,
 }
 
 impl ServeArgs {
@@ -114,6 +127,11 @@ impl ServeArgs {
                 max_streams_per_connection: self.max_streams_per_connection,
             },
             data_dir: self.data_dir.clone(),
+            keys: KeyOptions {
+                path: self.signing_key.clone(),
+                create: self.create_signing_key,
+                no_signed_fences: self.no_signed_fences,
+            },
             coordinator: Config {
                 bounds: Bounds {
                     min_ttl: self.min_ttl,
@@ -147,14 +165,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
          about 10 % of lock-cycle throughput; see README \"Installing\" for the build command"
     );
     let config = args.config()?;
-    let coordinator = server::open(&config)?;
+    let opened = server::open(&config)?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     // Tests and scripts read this line to learn the port of `--listen
     // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
-    server::serve(listener, config, coordinator, shutdown_signal()).await?;
+    server::serve(listener, config, opened, shutdown_signal()).await?;
     Ok(0)
 }
 

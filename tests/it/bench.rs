@@ -108,10 +108,20 @@ async fn guard_smoke() {
         threads: 2,
         writers: 8,
         max_ops: 1_000_000,
+        signed: false,
     };
     let reports = bench::guard::run(&g).await.unwrap();
     let names: Vec<&str> = reports.iter().map(|r| r.workload.as_str()).collect();
     assert_eq!(names, ["guard-memory", "guard-sled", "guard-sled-durable"]);
+    for r in &reports {
+        assert_passed(r);
+    }
+    // --signed: the two signed-fence runs, with their checks (forged
+    // u64::MAX refused, the mark unchanged).
+    let signed = bench::guard::GuardOptions { signed: true, ..g };
+    let reports = bench::guard::run(&signed).await.unwrap();
+    let names: Vec<&str> = reports.iter().map(|r| r.workload.as_str()).collect();
+    assert_eq!(names, ["guard-signed", "guard-signed-cached"]);
     for r in &reports {
         assert_passed(r);
     }

@@ -2,8 +2,10 @@
 //! worker processes on loopback. Worker 1 is paused (SIGSTOP) between
 //! checking its lease and writing, past its TTL; worker 2 takes the lease and
 //! writes; worker 1 resumes and writes with its old token, and is rejected.
-//! The same scene runs over the store's two back ends: sled, and a
-//! throwaway PostgreSQL holding the data and the fences.
+//! Run three times: with plain fences; with the store verifying the
+//! coordinator's signed fences (`fenced_store --verify-key URL`); and over
+//! the store's PostgreSQL back end, a throwaway server holding the data and
+//! the fences.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -63,17 +65,12 @@ fn token_of(line: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_worker_cannot_overwrite_its_successor() {
-    let store_dir = tempfile::tempdir().unwrap();
-    let store = ServerProcess::spawn_program(
-        &example("fenced_store"),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            store_dir.path().to_str().unwrap(),
-        ],
-    );
-    kleppmann(&store).await;
+    paused_worker_scenario(false, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_cannot_overwrite_its_successor_with_signed_fences() {
+    paused_worker_scenario(true, None).await;
 }
 
 /// The same scene with the store's data and fences in PostgreSQL; then the
@@ -87,11 +84,7 @@ async fn a_paused_worker_cannot_overwrite_its_successor_in_postgres() {
         .create_database("kleppmann")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", postgres.log()));
-    let store = ServerProcess::spawn_program(
-        &example("fenced_store"),
-        &["--listen", "127.0.0.1:0", "--postgres", &url],
-    );
-    let (_, n2) = kleppmann(&store).await;
+    let n2 = paused_worker_scenario(false, Some(&url)).await;
 
     let pool = pg::pool(&url, 1).unwrap();
     let client = pool.get().await.unwrap();
@@ -110,10 +103,23 @@ async fn a_paused_worker_cannot_overwrite_its_successor_in_postgres() {
     assert_eq!(row.get::<_, Vec<u8>>(1), b"from worker 2");
 }
 
-/// Kleppmann's figure against `store`; returns the two workers' tokens.
-async fn kleppmann(store: &ServerProcess) -> (u64, u64) {
+/// Kleppmann's figure against a fenced store over sled, or over the
+/// PostgreSQL database `postgres` names; returns worker 2's token.
+async fn paused_worker_scenario(signed: bool, postgres: Option<&str>) -> u64 {
     let coord_dir = tempfile::tempdir().unwrap();
+    let store_dir = tempfile::tempdir().unwrap();
     let coordinator = ServerProcess::spawn(coord_dir.path(), &[]);
+    let coordinator_url = coordinator.url();
+    let mut store_args = vec!["--listen", "127.0.0.1:0"];
+    match postgres {
+        Some(url) => store_args.extend(["--postgres", url]),
+        None => store_args.extend(["--data-dir", store_dir.path().to_str().unwrap()]),
+    }
+    if signed {
+        // The store fetches the coordinator's public keys once, at start.
+        store_args.extend(["--verify-key", coordinator_url.as_str()]);
+    }
+    let store = ServerProcess::spawn_program(&example("fenced_store"), &store_args);
 
     // Worker 1 acquires, checks its lease, and is paused before it writes.
     // The pause is long enough that the SIGSTOP below lands inside it even
@@ -154,5 +160,25 @@ async fn kleppmann(store: &ServerProcess) -> (u64, u64) {
         .into_inner();
     assert_eq!(got.value, b"from worker 2");
     assert_eq!(got.token, n2);
-    (n, n2)
+
+    if signed {
+        // The store really verifies: a write carrying worker 2's token
+        // without its signed fence is refused, and the value stays.
+        let mut req = tonic::Request::new(leasehold_guard::proto::PutRequest {
+            key: "invoice-7".into(),
+            value: b"unsigned".to_vec(),
+        });
+        leasehold_guard::fencing::attach(&mut req, "orders", n2 + 1).unwrap();
+        let status = kv.put(req).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        let got = kv
+            .get(GetRequest {
+                key: "invoice-7".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.token, n2);
+    }
+    n2
 }

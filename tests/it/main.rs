@@ -15,4 +15,5 @@ mod guard_crash;
 mod kleppmann;
 mod model;
 mod session;
+mod signed;
 mod tls;

@@ -16,6 +16,8 @@ pub(crate) struct LeaseState {
     pub(crate) resource: String,
     pub(crate) lease_id: String,
     pub(crate) token: u64,
+    /// The coordinator's signed fence (empty if it does not sign).
+    pub(crate) signed_fence: Vec<u8>,
     pub(crate) holder: String,
     pub(crate) ttl: Duration,
     /// Until when the holder may act: send time of the last confirmed
@@ -97,9 +99,19 @@ impl LeaseHandle {
         Fence::new(self.shared.resource.clone(), self.shared.token)
     }
 
-    /// Attaches this lease's fence to an outgoing gRPC request.
+    /// The coordinator's signed fence for this lease (`Lease.signed_fence`,
+    /// 117 bytes), or `None` if the coordinator does not sign fences.
+    pub fn signed_fence(&self) -> Option<&[u8]> {
+        Some(self.shared.signed_fence.as_slice()).filter(|f| !f.is_empty())
+    }
+
+    /// Attaches this lease's fence to an outgoing gRPC request: the
+    /// resource and token, and the signed fence (`leasehold-fence-bin`)
+    /// when the coordinator signed one.
     pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
-        leasehold_fence::attach(req, &self.shared.resource, self.shared.token)
+        leasehold_fence::attach(req, &self.shared.resource, self.shared.token)?;
+        leasehold_fence::attach_signed(req, &self.shared.signed_fence);
+        Ok(())
     }
 
     /// Resolves when the lease is lost.
@@ -125,6 +137,7 @@ impl Lease {
             resource: l.resource,
             lease_id: l.lease_id,
             token: l.token,
+            signed_fence: l.signed_fence,
             holder: l.holder,
             ttl,
             valid_until: Mutex::new(sent_at),
@@ -189,7 +202,14 @@ impl Lease {
         self.handle().fence()
     }
 
-    /// Attaches this lease's fence to an outgoing gRPC request, so a
+    /// The coordinator's signed fence for this lease, or `None` if the
+    /// coordinator does not sign fences; see [`LeaseHandle::signed_fence`].
+    pub fn signed_fence(&self) -> Option<&[u8]> {
+        Some(self.shared.signed_fence.as_slice()).filter(|f| !f.is_empty())
+    }
+
+    /// Attaches this lease's fence to an outgoing gRPC request (resource,
+    /// token and, when the coordinator signs, the signed fence), so a
     /// fenced service can reject it if a newer lease has written since.
     pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
         self.handle().attach(req)

@@ -65,6 +65,7 @@ pub struct Grant {
     resource: String,
     lease_id: String,
     token: u64,
+    signed_fence: Vec<u8>,
     ttl: Duration,
     valid_until: Instant,
 }
@@ -117,6 +118,20 @@ impl Grant {
     /// The (resource, token) pair storage checks; see [`leasehold_fence`].
     pub fn fence(&self) -> Result<Fence, FenceError> {
         Fence::new(self.resource.clone(), self.token)
+    }
+
+    /// The coordinator's signed fence for this grant (`Lease.signed_fence`),
+    /// or `None` if the coordinator does not sign fences.
+    pub fn signed_fence(&self) -> Option<&[u8]> {
+        Some(self.signed_fence.as_slice()).filter(|f| !f.is_empty())
+    }
+
+    /// Attaches this grant's fence to an outgoing gRPC request: resource,
+    /// token and, when the coordinator signed one, the signed fence.
+    pub fn attach<T>(&self, req: &mut tonic::Request<T>) -> Result<(), FenceError> {
+        leasehold_fence::attach(req, &self.resource, self.token)?;
+        leasehold_fence::attach_signed(req, &self.signed_fence);
+        Ok(())
     }
 }
 
@@ -327,6 +342,7 @@ fn grant_with_id(l: proto::Lease, lease_id: String, sent_at: Instant, margin: Du
         resource: l.resource,
         lease_id,
         token: l.token,
+        signed_fence: l.signed_fence,
         ttl: Duration::from_millis(l.ttl_ms),
         valid_until: sent_at + left,
     }
@@ -353,8 +369,14 @@ mod tests {
             holder: "h".into(),
             ttl_ms: 1000,
             expires_in_ms: 1000,
+            signed_fence: vec![1; 117],
         };
         let g = grant(lease, sent_at, Duration::from_millis(100));
+        assert_eq!(g.signed_fence(), Some(&[1u8; 117][..]));
+        let mut req = tonic::Request::new(());
+        g.attach(&mut req).unwrap();
+        let sent = req.metadata().get_bin("leasehold-fence-bin").unwrap();
+        assert_eq!(sent.to_bytes().unwrap().as_ref(), &[1u8; 117][..]);
         assert!(g.valid_for() <= Duration::from_millis(900));
         assert!(g.valid_for() > Duration::from_millis(800));
         let shown = format!("{g:?}");

@@ -13,6 +13,11 @@
 //! | gRPC metadata  | [`RESOURCE_METADATA_KEY`] (`leasehold-resource`) | [`TOKEN_METADATA_KEY`] (`leasehold-token`) |
 //! | HTTP header    | [`RESOURCE_HEADER`] (`Leasehold-Resource`)        | [`TOKEN_HEADER`] (`Leasehold-Token`)          |
 //!
+//! A signed fence (the coordinator's signature over resource and token)
+//! travels beside them as [`SIGNED_METADATA_KEY`] (`leasehold-fence-bin`,
+//! binary metadata) or [`SIGNED_HEADER`] (`Leasehold-Fence`, base64); the
+//! `signed` module (feature `signed`) makes and checks it.
+//!
 //! # Values
 //!
 //! - **token**: the decimal form of a `u64`, digits only (`34`).
@@ -34,6 +39,10 @@
 //!   metadata, and the interceptors below. Without it the crate needs no
 //!   gRPC at all: [`Fence::parse`] and [`Fence::header_values`] are the
 //!   HTTP side.
+//! - `signed` (off by default): signed fences (the `signed` module):
+//!   the coordinator signs each lease's fence with Ed25519 and storage
+//!   verifies it offline, so no client can forge a token or use one on
+//!   another resource. Pulls in `ed25519-dalek` and `sha2`.
 //!
 //! # Server side (`grpc`)
 //!
@@ -69,6 +78,9 @@ handler(req)?;
 //! `attach` or `Fence::attach_to` (`grpc`) add the metadata to a request;
 //! [`Fence::header_values`] gives the HTTP header values.
 
+#[cfg(feature = "signed")]
+pub mod signed;
+
 use percent_encoding::{percent_decode, utf8_percent_encode, AsciiSet, CONTROLS};
 #[cfg(feature = "grpc")]
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
@@ -83,6 +95,11 @@ pub const TOKEN_METADATA_KEY: &str = "leasehold-token";
 pub const RESOURCE_HEADER: &str = "Leasehold-Resource";
 /// HTTP header carrying the lease's fencing token (same value as the metadata).
 pub const TOKEN_HEADER: &str = "Leasehold-Token";
+/// gRPC binary metadata key carrying the signed fence (the coordinator's
+/// `Lease.signed_fence`); see the `signed` module (feature `signed`).
+pub const SIGNED_METADATA_KEY: &str = "leasehold-fence-bin";
+/// HTTP header carrying the signed fence, in standard base64.
+pub const SIGNED_HEADER: &str = "Leasehold-Fence";
 /// Longest resource name, in bytes (after percent-decoding).
 pub const MAX_RESOURCE_LEN: usize = 512;
 
@@ -282,6 +299,22 @@ pub fn attach<T>(req: &mut Request<T>, resource: &str, token: u64) -> Result<(),
     metadata.insert(RESOURCE_METADATA_KEY, value);
     metadata.insert(TOKEN_METADATA_KEY, AsciiMetadataValue::from(token));
     Ok(())
+}
+
+#[cfg(feature = "grpc")]
+/// Adds a signed fence's bytes (the coordinator's `Lease.signed_fence`) to
+/// `req` as [`SIGNED_METADATA_KEY`], replacing any there; nothing if
+/// `signed` is empty (a coordinator that does not sign). Needs no
+/// cryptography: the client only carries the bytes.
+pub fn attach_signed<T>(req: &mut Request<T>, signed: &[u8]) {
+    if signed.is_empty() {
+        req.metadata_mut().remove_bin(SIGNED_METADATA_KEY);
+        return;
+    }
+    req.metadata_mut().insert_bin(
+        SIGNED_METADATA_KEY,
+        tonic::metadata::BinaryMetadataValue::from_bytes(signed),
+    );
 }
 
 #[cfg(feature = "grpc")]

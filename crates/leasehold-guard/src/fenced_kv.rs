@@ -24,6 +24,16 @@
 //!   ([`GroupFlusher::start_synced`]), so an acknowledged write survives
 //!   `kill -9` of the server and a power cut (see the durability notes in
 //!   [the crate docs](crate#durability-sledguard)).
+//! - **Signed fences** (feature `signed`, [`FencedKvService::with_verifier`]):
+//!   given the coordinator's public keys, Put also needs the lease's signed
+//!   fence (`leasehold-fence-bin`), verified offline for the request's
+//!   `leasehold-resource`, and writes with the token inside it; the plain
+//!   `leasehold-token` must agree. A malformed fence (missing, truncated,
+//!   unknown version) is `INVALID_ARGUMENT`; one that is not to be trusted
+//!   (forged, altered, another resource's, an unknown or retired key) is
+//!   `PERMISSION_DENIED`. Either way nothing is written and the mark does
+//!   not move. Without keys the store trusts the plain token (see the
+//!   crate docs, "What the guard trusts").
 //! - **Get** needs no fence (reads are not fenced here); a fence sent
 //!   anyway must be well-formed.
 //! - **One resource protects every key written under it.** The key written
@@ -107,6 +117,10 @@ pub type FencedKvGrpc = InterceptedService<FencedKvServer<FencedKvService>, Fenc
 pub struct FencedKvService {
     guard: SledGuard,
     data: sled::Tree,
+    /// The coordinator's public keys: with them, Put takes its token from
+    /// the verified signed fence.
+    #[cfg(feature = "signed")]
+    verifier: Option<std::sync::Arc<leasehold_fence::signed::FenceVerifier>>,
 }
 
 impl FencedKvService {
@@ -129,7 +143,41 @@ impl FencedKvService {
     pub fn with_flusher(db: &sled::Db, flusher: GroupFlusher) -> Result<Self, FencedKvError> {
         let guard = SledGuard::with_flusher(db, crate::DEFAULT_TREE, flusher)?;
         let data = db.open_tree(DATA_TREE).map_err(GuardError::from)?;
-        Ok(FencedKvService { guard, data })
+        Ok(FencedKvService {
+            guard,
+            data,
+            #[cfg(feature = "signed")]
+            verifier: None,
+        })
+    }
+
+    /// Requires signed fences on Put, verified with `verifier` (the
+    /// coordinator's public keys); see the module docs.
+    #[cfg(feature = "signed")]
+    pub fn with_verifier(mut self, verifier: leasehold_fence::signed::FenceVerifier) -> Self {
+        self.verifier = Some(std::sync::Arc::new(verifier));
+        self
+    }
+
+    /// The token a Put writes with: the plain one without keys, the
+    /// verified signed one with keys.
+    fn token_of<T>(&self, req: &Request<T>, fence: &Fence) -> Result<u64, Status> {
+        #[cfg(feature = "signed")]
+        if let Some(verifier) = &self.verifier {
+            let verified = leasehold_fence::signed::verify_metadata(
+                req.metadata(),
+                &fence.resource,
+                Some(fence.token),
+                verifier,
+            )
+            .map_err(|e| {
+                tracing::info!(error = %e, "signed fence refused");
+                Status::from(e)
+            })?;
+            return Ok(verified.token);
+        }
+        let _ = req;
+        Ok(fence.token)
     }
 
     /// The guard, e.g. to flush at shutdown.
@@ -179,7 +227,8 @@ pub(crate) fn check_key(key: &str) -> Result<(), Status> {
 impl FencedKv for FencedKvService {
     #[tracing::instrument(skip_all, fields(key = %req.get_ref().key, resource, token))]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let fence = Fence::from_request(&req)?.clone();
+        let mut fence = Fence::from_request(&req)?.clone();
+        fence.token = self.token_of(&req, &fence)?;
         let span = tracing::Span::current();
         span.record("resource", fence.resource.as_str());
         span.record("token", fence.token);
@@ -258,7 +307,16 @@ pub async fn serve(
     data_dir: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FencedKvError> {
-    let service = FencedKvService::open(data_dir)?;
+    serve_service(listener, FencedKvService::open(data_dir)?, shutdown).await
+}
+
+/// Serves an opened `service` (e.g. with [`FencedKvService::with_verifier`])
+/// on `listener` until `shutdown` completes, then flushes and returns.
+pub async fn serve_service(
+    listener: TcpListener,
+    service: FencedKvService,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), FencedKvError> {
     let guard = service.guard().clone();
     // Small request/response frames: do not let Nagle hold them back.
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
@@ -268,7 +326,7 @@ pub async fn serve(
             }
         })
     });
-    tracing::info!(data_dir = %data_dir.display(), "fenced store serving");
+    tracing::info!("fenced store serving");
     let served = tonic::transport::Server::builder()
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)

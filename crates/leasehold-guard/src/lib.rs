@@ -18,10 +18,24 @@
 //! | [`pg`]: [`PgGuard`], [`pg::PgIdempotencyStore`] | the fence and idempotency keys inside PostgreSQL transactions | `postgres` |
 //! | [`fencing`] | reading the fence from gRPC metadata or HTTP headers (the `leasehold-fence` crate) | `grpc` for metadata |
 //! | `fenced_kv` | a small fenced key-value gRPC service built from the above | `grpc` |
+//! | `SignedWriteError`, `check_signed`, `write_signed`, `insert_signed` | writes whose token comes from a fence the coordinator signed, verified offline with its public keys | `signed` |
 //!
 //! With `default-features = false` the crate needs neither sled nor gRPC:
 //! [`check`] and [`MemoryGuard`] are enough for storage you own in memory,
 //! and [`check`]'s conditional-write form for a database you do not embed.
+//!
+//! # What the guard trusts
+//!
+//! Without keys, the guard trusts the client to present the token its lease
+//! was given: the rule below stops a *superseded* holder, not a *lying*
+//! one. A buggy or hostile client that sends token `u64::MAX` raises the
+//! mark to the top, and from then on every honest writer of that resource
+//! is refused; one that sends another resource's real token is believed.
+//! With the `signed` feature and the coordinator's public keys, the guard
+//! takes the token from the coordinator's signed fence instead and refuses
+//! forged, altered, truncated and wrong-resource fences before the rule
+//! runs (`MemoryGuard::check_signed`, `SledGuard::insert_signed`, …; the
+//! format is in `leasehold_fence::signed`).
 //!
 //! # The rule
 //!
@@ -240,6 +254,8 @@ mod sled_guard;
 
 #[cfg(feature = "grpc")]
 pub mod fenced_kv;
+#[cfg(feature = "signed")]
+mod signed;
 
 /// The fence on the wire: reading it from gRPC metadata (`grpc` feature) or
 /// HTTP headers. The `leasehold-fence` crate, re-exported.
@@ -247,6 +263,8 @@ pub use leasehold_fence as fencing;
 
 pub use memory::MemoryGuard;
 pub use rule::{check, Admitted, GuardError, Stale};
+#[cfg(feature = "signed")]
+pub use signed::SignedWriteError;
 
 #[cfg(feature = "sled")]
 pub use flusher::{FlushError, GroupFlusher};
