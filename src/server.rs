@@ -33,6 +33,7 @@ use tonic::Status;
 use crate::admin::AdminApi;
 use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
+use crate::metrics::Metrics;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
 use crate::service::LeaseApi;
@@ -54,6 +55,9 @@ pub struct ServerConfig {
     pub insecure_admin: bool,
     /// Transport limits.
     pub limits: TransportLimits,
+    /// What is counted and measured for `/metrics` ([`Metrics::disabled`]
+    /// unless `serve --http` is given).
+    pub metrics: Metrics,
 }
 
 /// TransportLimits on what one client can make the transport hold.
@@ -104,10 +108,9 @@ pub async fn run(
 /// Opens the store and restores the lease table: everything that can fail
 /// because of the data directory, before the server announces itself.
 pub fn open(config: &ServerConfig) -> Result<Coordinator, ServerError> {
-    Ok(Coordinator::open(
-        &config.data_dir,
-        config.coordinator.clone(),
-    )?)
+    let mut coordinator = config.coordinator.clone();
+    coordinator.store.metrics = config.metrics.store();
+    Ok(Coordinator::open(&config.data_dir, coordinator)?)
 }
 
 /// Serves an opened coordinator on `listener` until `shutdown` resolves.
@@ -133,8 +136,8 @@ pub async fn serve(
         builder = builder.tls_config(tls.load()?)?;
     }
     let max_bytes = config.limits.max_message_bytes;
-    let lease_service = LeaseServiceServer::new(LeaseApi::new(coordinator.clone()))
-        .max_decoding_message_size(max_bytes);
+    let lease_api = LeaseApi::new(coordinator.clone()).with_metrics(config.metrics.rpc());
+    let lease_service = LeaseServiceServer::new(lease_api).max_decoding_message_size(max_bytes);
     let admin_service = InterceptedService::new(
         AdminServiceServer::new(AdminApi::new(coordinator.clone()))
             .max_decoding_message_size(max_bytes),
@@ -159,6 +162,8 @@ pub async fn serve(
     // algorithm and the peer's delayed ACK (up to 40 ms on Linux).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = builder
+        .layer(config.metrics.rpc_layer())
+        .layer(crate::trace::TraceLayer)
         .layer(tower::util::MapResponseLayer::new(
             move |res: http::Response<tonic::body::Body>| too_large_is_exhausted(res, max_bytes),
         ))

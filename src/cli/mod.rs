@@ -11,6 +11,7 @@ pub mod exit;
 pub mod leases;
 pub mod output;
 pub mod serve;
+pub mod serve_http;
 pub mod status;
 
 /// Leasehold: leases with fencing tokens that never go backwards.

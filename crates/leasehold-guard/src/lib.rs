@@ -221,6 +221,7 @@
 //! ```
 
 mod memory;
+pub mod metrics;
 mod rule;
 
 #[cfg(feature = "sled")]
