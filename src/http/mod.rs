@@ -296,6 +296,9 @@ async fn metrics(State(s): State<HttpServer>, headers: HeaderMap) -> Response {
     if let Err(refused) = authorize(&s.gate, &headers, Need::Read) {
         return refused.into_response();
     }
+    // Fold the latest histogram samples in, so a scrape sees every call
+    // answered before it (the periodic upkeep only bounds memory).
+    s.metrics.upkeep();
     let stats = s.coordinator.stats();
     let cluster = s.cluster.status();
     let body = s.metrics.render(&stats, cluster.as_ref());
