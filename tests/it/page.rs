@@ -227,8 +227,46 @@ async fn the_page_shows_leases_live_and_revokes_with_the_admin_token() {
         Duration::from_secs(5),
     )
     .await;
-    // Let the grants/s chart take a few points, and open a history.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Someone waits in line for a held resource: the waiters column says
+    // so at the next snapshot (at most 5 s; waiters are not in the events).
+    let waiting = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .acquire("jobs/reindex")
+                .holder("indexer-2@host-e")
+                .wait(Duration::from_secs(60))
+                .await
+        })
+    };
+    // Some churn for the grants/s chart: short lock cycles, bounded.
+    let churn = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..120u64 {
+                let taken = client
+                    .acquire(format!("batch/{}", i % 4))
+                    .holder("batcher@host-f")
+                    .ttl(Duration::from_secs(2))
+                    .await;
+                if let Ok(l) = taken {
+                    let _ = l.release().await;
+                }
+                tokio::time::sleep(Duration::from_millis(10 + (i % 10) * 8)).await;
+            }
+        })
+    };
+    wait_for(
+        &page,
+        "(() => { const r = document.querySelector('tr[data-resource=\"jobs/reindex\"]'); \
+         return !!r && r.querySelector('.waiters').textContent === '1'; })()",
+        Duration::from_secs(8),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), churn)
+        .await
+        .expect("the churn ends")
+        .unwrap();
     page.find_element("tr[data-resource=\"reports/daily\"] td.resource a")
         .await
         .unwrap()
@@ -251,6 +289,25 @@ async fn the_page_shows_leases_live_and_revokes_with_the_admin_token() {
         .unwrap_or_else(|| std::env::temp_dir().join("leasehold-lease-page.png"));
     std::fs::write(&path, &shot).expect("write the screenshot");
     eprintln!("screenshot: {}", path.display());
+    // The same page on a phone-sized screen.
+    page.execute(SetDeviceMetricsOverrideParams::new(390, 844, 2.0, true))
+        .await
+        .expect("phone viewport");
+    let phone = page
+        .screenshot(ScreenshotParams::builder().full_page(true).build())
+        .await
+        .expect("screenshot");
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("lease-page");
+    let phone_path = path.with_file_name(format!("{stem}-phone.png"));
+    std::fs::write(&phone_path, &phone).expect("write the phone screenshot");
+    eprintln!("phone screenshot: {}", phone_path.display());
+    page.execute(SetDeviceMetricsOverrideParams::new(1100, 860, 1.0, false))
+        .await
+        .expect("viewport");
+    waiting.abort();
 
     // Revoke from the page: the button asks first; confirming revokes.
     page.find_element("tr[data-resource=\"orders/shard-3\"] button.revoke")

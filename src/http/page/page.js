@@ -251,12 +251,16 @@ function onStats(msg) {
 function drawSpark() {
   const max = Math.max(1, ...state.rates);
   const n = state.rates.length;
+  // The newest point at the right edge; at least 30 s across, so a young
+  // page's few points make a line, not a sliver.
+  const span = Math.max(30, n) - 1;
   const pts = state.rates.map((r, i) => {
-    const x = n === 1 ? 120 : (i * 120) / (SPARK_POINTS - 1) + (120 - ((n - 1) * 120) / (SPARK_POINTS - 1));
+    const x = 120 - ((n - 1 - i) * 120) / span;
     return x.toFixed(2) + "," + (29 - (r / max) * 27).toFixed(2);
   });
   $("#spark-line").setAttribute("points", pts.join(" "));
   $("#spark").setAttribute("aria-label", "grants per second; latest " + Math.round(state.rates[n - 1]) + ", peak " + Math.round(max));
+  $("#spark-peak").textContent = "(peak " + Math.round(max).toLocaleString() + ")";
 }
 
 function renderCluster(c) {
