@@ -208,7 +208,11 @@ async fn cli_speaks_mutual_tls() {
 
 /// `GET /healthz` over HTTPS to the `--http` listener, trusting the test CA,
 /// with or without the client certificate. `Err` if the exchange failed.
-async fn https_healthz(pki: &Pki, addr: std::net::SocketAddr, client: bool) -> Result<String, String> {
+async fn https_healthz(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    client: bool,
+) -> Result<String, String> {
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -235,7 +239,9 @@ async fn https_healthz(pki: &Pki, addr: std::net::SocketAddr, client: bool) -> R
         builder.with_no_client_auth()
     };
     let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
@@ -263,19 +269,34 @@ async fn the_http_listener_uses_the_servers_tls_and_mutual_tls() {
         ..ServerConfig::default()
     })
     .await;
-    let ok = https_healthz(&pki, server.http, true).await.expect("HTTPS with a client certificate");
-    assert!(ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"), "{ok}");
+    let ok = https_healthz(&pki, server.http, true)
+        .await
+        .expect("HTTPS with a client certificate");
+    assert!(
+        ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"),
+        "{ok}"
+    );
     let refused = https_healthz(&pki, server.http, false).await;
-    assert!(refused.is_err(), "answered without a client certificate: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "answered without a client certificate: {refused:?}"
+    );
     // Plain HTTP is not answered as HTTP.
     let plain = async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out).await;
         out
     };
-    let plain = tokio::time::timeout(Duration::from_secs(5), plain).await.unwrap_or_default();
-    assert!(!plain.starts_with(b"HTTP/1.1 200"), "plain HTTP was answered");
+    let plain = tokio::time::timeout(Duration::from_secs(5), plain)
+        .await
+        .unwrap_or_default();
+    assert!(
+        !plain.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP was answered"
+    );
 }
