@@ -17,6 +17,7 @@
 //! | [`idempotency`] | Stripe-style idempotency keys on sled | `sled` (default) |
 //! | [`fencing`] | reading the fence from gRPC metadata or HTTP headers (the `leasehold-fence` crate) | `grpc` for metadata |
 //! | `fenced_kv` | a small fenced key-value gRPC service built from the above | `grpc` |
+//! | [`metrics`] | counters (writes accepted, refused stale, refused malformed) through the `metrics` facade; names always, counting with the feature | `metrics` |
 //!
 //! With `default-features = false` the crate needs neither sled nor gRPC:
 //! [`check`] and [`MemoryGuard`] are enough for storage you own in memory,
