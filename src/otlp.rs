@@ -42,30 +42,29 @@ pub fn init() -> Guard {
     let log = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")));
-    let registry = tracing_subscriber::registry().with(log);
+    #[allow(unused_mut)]
+    let mut layers: Vec<BoxedLayer> = vec![log.boxed()];
     #[cfg(feature = "otlp")]
-    {
-        let (layer, provider) = match exporter() {
-            Ok(Some((layer, provider))) => (Some(layer), Some(provider)),
-            Ok(None) => (None, None),
-            Err(e) => {
-                eprintln!(
-                    "leasehold: the OTLP exporter could not be set up, spans are not exported: {e}"
-                );
-                (None, None)
-            }
-        };
-        registry.with(layer).init();
-        Guard { provider }
-    }
-    #[cfg(not(feature = "otlp"))]
-    {
-        registry.init();
-        Guard {}
+    let provider = match exporter() {
+        Ok(Some((layer, provider))) => {
+            layers.push(layer);
+            Some(provider)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!(
+                "leasehold: the OTLP exporter could not be set up, spans are not exported: {e}"
+            );
+            None
+        }
+    };
+    tracing_subscriber::registry().with(layers).init();
+    Guard {
+        #[cfg(feature = "otlp")]
+        provider,
     }
 }
 
-#[cfg(feature = "otlp")]
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
 #[cfg(feature = "otlp")]
