@@ -72,8 +72,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub insecure_admin: bool,
     /// Also serve /metrics, /healthz, /readyz and the lease page over HTTP
-    /// on this address (e.g. 127.0.0.1:7480); TLS and the admin token apply.
-    #[arg(long, env = "LEASEHOLD_HTTP")]
+    /// on this address (`--http` alone: 127.0.0.1:7480); TLS and the admin
+    /// token apply.
+    #[arg(long, env = "LEASEHOLD_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:7480")]
     pub http: Option<String>,
 }
 

@@ -27,3 +27,27 @@ pub async fn start(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    #[test]
+    fn http_flag_table() {
+        let cases: [(&[&str], Option<&str>); 3] = [
+            (&[], None),
+            (&["--http"], Some("127.0.0.1:7480")),
+            (&["--http", "0.0.0.0:9000"], Some("0.0.0.0:9000")),
+        ];
+        for (args, want) in cases {
+            let argv = ["leasehold", "serve"].iter().chain(args);
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Command::Serve(serve) = cli.command else {
+                panic!("{args:?} is not serve");
+            };
+            assert_eq!(serve.http.as_deref(), want, "{args:?}");
+        }
+    }
+}
