@@ -2,7 +2,7 @@
 //! process, for demos and for the crash tests.
 //!
 //! ```text
-//! fenced_store --listen 127.0.0.1:0 --data-dir DIR [--verify-key FILE|URL]
+//! fenced_store --listen 127.0.0.1:0 --data-dir DIR [--verify-key FILE|URL] [--http 127.0.0.1:0]
 //! fenced_store --listen 127.0.0.1:0 --postgres postgres://user@host:port/db
 //! ```
 //!
@@ -19,10 +19,13 @@
 //! store (or re-export the file) before the new key's fences arrive, or
 //! they are refused as signed by an unknown key.
 //!
-//! Once bound it prints exactly one line to stdout, `listening on ADDR`
-//! (with the real port when asked for port 0), and serves until SIGINT or
-//! SIGTERM, then flushes and exits. Logs go to stderr, filtered by
-//! `RUST_LOG` (default `info`).
+//! Once bound it prints one line to stdout, `listening on ADDR` (with the
+//! real port when asked for port 0), and with `--http ADDR` a second one,
+//! `http on ADDR`, where it serves the guard's counters at `/metrics` (the
+//! `leasehold-guard` crate's `metrics` feature, exported by
+//! `metrics-exporter-prometheus` as any storage service embedding the guard
+//! would). It serves until SIGINT or SIGTERM, then flushes and exits. Logs
+//! go to stderr, filtered by `RUST_LOG` (default `info`).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -57,6 +60,9 @@ struct Args {
     /// (`leasehold keys export`) or the coordinator's URL (fetched once).
     #[arg(long)]
     verify_key: Option<String>,
+    /// Serve the guard's counters at /metrics on this address.
+    #[arg(long)]
+    http: Option<SocketAddr>,
 }
 
 /// The verifier `--verify-key` names: a coordinator URL or a key file.
@@ -88,6 +94,12 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
+    // The recorder is installed before the guard is opened: the guard takes
+    // its counters from it.
+    let http = match args.http {
+        Some(addr) => Some(serve_metrics(addr).await?),
+        None => None,
+    };
     // The store is opened (and the keys fetched) before the port is
     // announced, so a caller that saw `listening on` talks to a ready store.
     let sled = match &args.data_dir {
@@ -103,6 +115,9 @@ async fn main() -> anyhow::Result<()> {
     // The one line of stdout: scripts and tests wait for it to learn the port.
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on {addr}").context("cannot write to stdout")?;
+    if let Some(http) = http {
+        writeln!(stdout, "http on {http}").context("cannot write to stdout")?;
+    }
     stdout.flush().context("cannot flush stdout")?;
     drop(stdout);
 
@@ -143,6 +158,39 @@ async fn sled_service(
         service = service.with_verifier(verifier);
     }
     Ok(service)
+}
+
+/// Installs the process's Prometheus recorder and serves it at `/metrics`.
+async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    use axum::routing::get;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--http)"))?;
+    let local = listener.local_addr()?;
+    let render = handle.clone();
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let handle = render.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server failed");
+        }
+    });
+    Ok(local)
 }
 
 /// Completes on SIGINT (ctrl-c) or SIGTERM.

@@ -228,13 +228,21 @@ impl CommitQueue {
             return;
         }
         self.last_batch.store(jobs.len(), Ordering::Relaxed);
-        if jobs.iter().any(|j| !j.changes.is_empty()) {
+        let writes = jobs.iter().any(|j| !j.changes.is_empty());
+        if writes {
             self.batches.fetch_add(1, Ordering::Relaxed);
         }
+        let started = std::time::Instant::now();
         let result = self
             .store
             .commit(jobs.iter().flat_map(|j| j.changes.iter()))
             .map_err(Arc::new);
+        if writes {
+            // Barriers alone (no changes) write nothing and are not measured.
+            let metrics = self.store.metrics();
+            metrics.commit_duration.record(started.elapsed());
+            metrics.batch_size.record(jobs.len() as f64);
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, jobs = jobs.len(), "commit failed; replying UNAVAILABLE");
         }

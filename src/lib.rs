@@ -20,6 +20,9 @@
 //! - [`auth`]: the admin bearer token, checked in constant time.
 //! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
+//! - [`metrics`], [`trace`], [`http`], [`cluster_view`], [`otlp`]: seeing it
+//!   work: Prometheus metrics, trace context in, `serve --http` (`/metrics`,
+//!   health, the lease page), the cluster's status for both, log/OTLP set-up.
 //! - [`bench`](mod@bench): `leasehold bench`, bounded load generators with checks.
 //! - [`cli`]: the `leasehold` command line.
 //!
@@ -76,15 +79,20 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod clock;
+pub mod cluster_view;
 pub(crate) mod commit;
 pub mod coordinator;
+pub mod http;
 pub mod keys;
 pub mod lease;
+pub mod metrics;
+pub mod otlp;
 pub mod server;
 pub(crate) mod service;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub(crate) mod wal;
 
 /// Generated gRPC types for `leasehold.v1`.

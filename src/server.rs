@@ -34,6 +34,7 @@ use crate::admin::AdminApi;
 use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
 use crate::keys::{self, KeyOptions, Keys, KeysError};
+use crate::metrics::Metrics;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
 use crate::service::LeaseApi;
@@ -57,6 +58,9 @@ pub struct ServerConfig {
     pub limits: TransportLimits,
     /// Where the signing keys live (default `DATA_DIR/signing-keys`).
     pub keys: KeyOptions,
+    /// What is counted and measured for `/metrics` ([`Metrics::disabled`]
+    /// unless `serve --http` is given).
+    pub metrics: Metrics,
 }
 
 /// TransportLimits on what one client can make the transport hold.
@@ -123,7 +127,9 @@ pub fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
     // Asked before the store creates its files: only a new data directory
     // gets a new key without being told to.
     let data_dir_was_new = keys::data_dir_is_new(&config.data_dir);
-    let coordinator = Coordinator::open(&config.data_dir, config.coordinator.clone())?;
+    let mut options = config.coordinator.clone();
+    options.store.metrics = config.metrics.store();
+    let coordinator = Coordinator::open(&config.data_dir, options)?;
     match Keys::open(&config.data_dir, &config.keys, data_dir_was_new) {
         Ok(keys) => Ok(Opened { coordinator, keys }),
         Err(e) => {
@@ -157,7 +163,9 @@ pub async fn serve(
         builder = builder.tls_config(tls.load()?)?;
     }
     let max_bytes = config.limits.max_message_bytes;
-    let mut lease_api = LeaseApi::new(coordinator.clone()).with_keys(keys.clone());
+    let mut lease_api = LeaseApi::new(coordinator.clone())
+        .with_keys(keys.clone())
+        .with_metrics(config.metrics.rpc());
     if config.keys.no_signed_fences {
         tracing::warn!("--no-signed-fences: leases carry no signed fence; storage that verifies will refuse their writes");
         lease_api = lease_api.without_signing();
@@ -187,6 +195,8 @@ pub async fn serve(
     // algorithm and the peer's delayed ACK (up to 40 ms on Linux).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = builder
+        .layer(config.metrics.rpc_layer())
+        .layer(crate::trace::TraceLayer)
         .layer(tower::util::MapResponseLayer::new(
             move |res: http::Response<tonic::body::Body>| too_large_is_exhausted(res, max_bytes),
         ))

@@ -18,9 +18,12 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{field, Span};
 
+use std::sync::Arc;
+
 use crate::coordinator::{AcquireOutcome, AcquireRequest, Coordinator, CoordinatorError};
 use crate::keys::{KeyInfo, KeyState, Keys};
 use crate::lease::{FencingToken, Holder, InvalidField, LeaseId, RequestId, Resource};
+use crate::metrics::rpc::{Method, RpcMetrics, Transport};
 use crate::proto::{self, lease_service_server::LeaseService};
 use crate::state::{LeaseView, StateError};
 
@@ -89,6 +92,8 @@ pub struct LeaseApi {
     keys: Option<Keys>,
     /// Whether leases carry a signed fence (`serve --no-signed-fences`: no).
     sign: bool,
+    /// Per-call figures for Session calls and `held` answers (see `crate::metrics::rpc`).
+    metrics: Option<Arc<RpcMetrics>>,
 }
 
 impl LeaseApi {
@@ -98,7 +103,14 @@ impl LeaseApi {
             coordinator,
             keys: None,
             sign: false,
+            metrics: None,
         }
+    }
+
+    /// Records Session calls and `held` answers into `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<RpcMetrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Signs every lease it sends with `keys` and serves their public halves.
@@ -147,6 +159,13 @@ impl LeaseApi {
     ) -> proto::SessionResponse {
         use proto::session_request::Call;
         use proto::session_response::Result as Answer;
+        let started = std::time::Instant::now();
+        let method = match &call {
+            Some(Call::Acquire(_)) => Some(Method::Acquire),
+            Some(Call::Renew(_)) => Some(Method::Renew),
+            Some(Call::Release(_)) => Some(Method::Release),
+            None => None,
+        };
         let result = match call {
             Some(Call::Acquire(r)) => self
                 .acquire(Request::new(r))
@@ -164,6 +183,12 @@ impl LeaseApi {
                 "call: a session request must carry acquire, renew or release",
             )),
         };
+        if let (Some(metrics), Some(method)) = (&self.metrics, method) {
+            let code = result
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            metrics.record(method, Transport::Session, code, started.elapsed());
+        }
         let result = result.unwrap_or_else(|s| {
             Answer::Error(proto::CallError {
                 code: s.code() as i32,
@@ -201,11 +226,16 @@ impl LeaseService for LeaseApi {
                 holder,
                 token,
                 expires_in,
-            } => proto::acquire_response::Outcome::Held(proto::Held {
-                holder: holder.to_string(),
-                expires_in_ms: ms(expires_in),
-                token: token.0,
-            }),
+            } => {
+                if let Some(m) = &self.metrics {
+                    m.held();
+                }
+                proto::acquire_response::Outcome::Held(proto::Held {
+                    holder: holder.to_string(),
+                    expires_in_ms: ms(expires_in),
+                    token: token.0,
+                })
+            }
         };
         Ok(Response::new(proto::AcquireResponse {
             outcome: Some(outcome),

@@ -291,6 +291,8 @@ pub struct Counters {
     pub expiries: u64,
     /// Leases revoked.
     pub revocations: u64,
+    /// Retried Acquires answered with the lease their key already has.
+    pub replays: u64,
 }
 
 /// The state machine. See the module docs.
@@ -422,6 +424,7 @@ impl LeaseTable {
                 }
                 return match self.leases.get(&rec.lease_id) {
                     Some(live) if live.record.token == rec.token => {
+                        self.counters.replays += 1;
                         Ok(Acquired::Existing(self.view(live, now)))
                     }
                     _ => Err(StateError::RequestEnded(key.as_str().to_owned())),

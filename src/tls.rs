@@ -124,7 +124,11 @@ impl ClientTlsFiles {
 
 /// Reads a PEM file and checks that it holds a block of the expected kind
 /// (`PRIVATE KEY` also matches `RSA PRIVATE KEY` and `EC PRIVATE KEY`).
-fn read_pem(flag: &'static str, path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read_pem(
+    flag: &'static str,
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<u8>, TlsError> {
     let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
         flag,
         path: path.to_owned(),

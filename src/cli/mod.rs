@@ -12,6 +12,7 @@ pub mod keys;
 pub mod leases;
 pub mod output;
 pub mod serve;
+pub mod serve_http;
 pub mod status;
 
 /// Leasehold: leases with fencing tokens that never go backwards.

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// grant; only for storage that does not verify signed fences).
     #[arg(long)]
     pub no_signed_fences: bool,
+    /// Also serve /metrics, /healthz, /readyz and the lease page over HTTP
+    /// on this address (`--http` alone: 127.0.0.1:7480); TLS and the admin
+    /// token apply.
+    #[arg(long, env = "LEASEHOLD_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:7480")]
+    pub http: Option<String>,
 }
 
 impl ServeArgs {
@@ -122,6 +127,11 @@ impl ServeArgs {
             tls,
             admin_token,
             insecure_admin: self.insecure_admin,
+            metrics: if self.http.is_some() {
+                crate::metrics::Metrics::enabled()
+            } else {
+                crate::metrics::Metrics::disabled()
+            },
             limits: server::TransportLimits {
                 max_message_bytes: self.max_message_bytes,
                 max_streams_per_connection: self.max_streams_per_connection,
@@ -172,7 +182,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     // Tests and scripts read this line to learn the port of `--listen
     // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
+    let http = match &args.http {
+        Some(addr) => Some(super::serve_http::start(addr, &config, &opened.coordinator).await?),
+        None => None,
+    };
     server::serve(listener, config, opened, shutdown_signal()).await?;
+    if let Some(http) = http {
+        // It stops with the coordinator; give it its grace period.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), http).await;
+    }
     Ok(0)
 }
 

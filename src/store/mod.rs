@@ -138,6 +138,8 @@ pub struct StoreOptions {
     /// The log's segment size, and how much is logged between checkpoints
     /// ([`SEGMENT_BYTES`] by default; tests make it small).
     pub segment_bytes: u64,
+    /// Where commit and log-write latencies go (no-ops by default).
+    pub metrics: crate::metrics::StoreMetrics,
 }
 
 impl Default for StoreOptions {
@@ -146,6 +148,7 @@ impl Default for StoreOptions {
             history_per_resource: 16,
             cache_bytes: 128 * 1024 * 1024,
             segment_bytes: SEGMENT_BYTES,
+            metrics: Default::default(),
         }
     }
 }
@@ -357,6 +360,11 @@ impl Store {
         Ok(loaded)
     }
 
+    /// Where this store's latencies are recorded.
+    pub fn metrics(&self) -> &crate::metrics::StoreMetrics {
+        &self.shared.options.metrics
+    }
+
     /// The highest token the reservation covers.
     pub fn reserved(&self) -> u64 {
         self.reservation.lock().reserved
@@ -386,7 +394,10 @@ impl Store {
         }
         let shared = &self.shared;
         let mut wal = shared.wal.lock();
-        wal.append(&ops)
+        let started = std::time::Instant::now();
+        let appended = wal.append(&ops);
+        shared.options.metrics.wal_write.record(started.elapsed());
+        appended
             .map_err(shared.wal_err("appending to"))
             .map_err(forget_trims)?;
         // Durable from here on.

@@ -165,3 +165,77 @@ async fn acknowledged_writes_and_marks_survive_kill_9() {
     );
     drop(second); // killed and reaped
 }
+
+/// `fenced_store --http`: the guard's counters, through the `metrics`
+/// facade, in the store's own `/metrics`: accepted, refused stale, refused
+/// malformed (a fence whose token is not a number; a Put with no fence).
+#[tokio::test]
+async fn the_store_exports_the_guards_counters() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = std::process::Command::new(example("fenced_store"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fenced_store");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut addr = |prefix: &str| -> SocketAddr {
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read a line");
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+            .parse()
+            .expect("address")
+    };
+    let (grpc, http) = (addr("listening on "), addr("http on "));
+    let mut c = connect(grpc).await;
+    put(&mut c, "k", "v9", Some(("orders", 9)))
+        .await
+        .expect("token 9");
+    put(&mut c, "k", "v10", Some(("orders", 10)))
+        .await
+        .expect("token 10");
+    let stale = put(&mut c, "k", "v8", Some(("orders", 8)))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let mut malformed = Request::new(PutRequest {
+        key: "k".into(),
+        value: b"x".to_vec(),
+    });
+    malformed
+        .metadata_mut()
+        .insert(fencing::TOKEN_METADATA_KEY, "nine".parse().unwrap());
+    malformed
+        .metadata_mut()
+        .insert(fencing::RESOURCE_METADATA_KEY, "orders".parse().unwrap());
+    let refused = within("put", c.put(malformed)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let unfenced = put(&mut c, "k", "x", None).await.unwrap_err();
+    assert_eq!(unfenced.code(), Code::InvalidArgument);
+
+    let metrics = crate::observe_support::request(http, "GET", "/metrics", None, None).await;
+    assert_eq!(metrics.status, 200);
+    for line in [
+        "leasehold_guard_writes_accepted_total 2",
+        "leasehold_guard_writes_refused_stale_total 1",
+        "leasehold_guard_writes_refused_malformed_total 2",
+    ] {
+        assert!(
+            metrics.body.lines().any(|l| l == line),
+            "{line:?} missing in\n{}",
+            metrics.body
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

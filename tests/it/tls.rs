@@ -205,3 +205,98 @@ async fn cli_speaks_mutual_tls() {
         "{out:?}"
     );
 }
+
+/// `GET /healthz` over HTTPS to the `--http` listener, trusting the test CA,
+/// with or without the client certificate. `Err` if the exchange failed.
+async fn https_healthz(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    client: bool,
+) -> Result<String, String> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{self, RootCertStore};
+
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.path("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = if client {
+        let chain = CertificateDer::pem_file_iter(pki.path("client.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(pki.path("client-key.pem")).unwrap();
+        builder.with_client_auth_cert(chain, key).unwrap()
+    } else {
+        builder.with_no_client_auth()
+    };
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// `serve --http` takes the gRPC server's TLS files: HTTPS with the same
+/// certificate, and with `--client-ca` only clients with a certificate.
+#[tokio::test]
+async fn the_http_listener_uses_the_servers_tls_and_mutual_tls() {
+    let pki = Pki::new();
+    let server = crate::observe_support::Observed::start(ServerConfig {
+        tls: Some(pki.server_files(true)),
+        ..ServerConfig::default()
+    })
+    .await;
+    let ok = https_healthz(&pki, server.http, true)
+        .await
+        .expect("HTTPS with a client certificate");
+    assert!(
+        ok.starts_with("HTTP/1.1 200 OK") && ok.ends_with("ok\n"),
+        "{ok}"
+    );
+    let refused = https_healthz(&pki, server.http, false).await;
+    assert!(
+        refused.is_err(),
+        "answered without a client certificate: {refused:?}"
+    );
+    // Plain HTTP is not answered as HTTP.
+    let plain = async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        out
+    };
+    let plain = tokio::time::timeout(Duration::from_secs(5), plain)
+        .await
+        .unwrap_or_default();
+    assert!(
+        !plain.starts_with(b"HTTP/1.1 200"),
+        "plain HTTP was answered"
+    );
+}

@@ -5,10 +5,12 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use leasehold_fence::trace::TraceParent;
 use rand::Rng;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::keepalive::KeepAlives;
 use crate::lease::Lease;
@@ -114,6 +116,7 @@ impl Client {
             holder: None,
             margin: self.config.safety_margin,
             renew_every: None,
+            trace: None,
         }
     }
 
@@ -157,9 +160,20 @@ pub struct AcquireBuilder {
     holder: Option<String>,
     margin: f64,
     renew_every: Option<Duration>,
+    trace: Option<TraceParent>,
 }
 
 impl AcquireBuilder {
+    /// Joins the caller's trace: the Acquire is sent with this W3C trace
+    /// context (its trace id, and a span id of this acquire's own). By
+    /// default each acquire starts a trace of its own. Either way the
+    /// `leasehold.acquire` span records the `trace_id`, and the coordinator
+    /// records the same one in its span for the call.
+    pub fn trace_parent(mut self, parent: TraceParent) -> Self {
+        self.trace = Some(parent);
+        self
+    }
+
     /// The lease's TTL (default 30 s; the server enforces its bounds).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
@@ -216,6 +230,23 @@ impl AcquireBuilder {
     }
 
     async fn send(self) -> Result<Lease, AcquireError> {
+        let mut span_id = [0u8; 8];
+        rand::rng().fill(&mut span_id[..]);
+        span_id[0] |= 1; // never all zeros
+        let trace = match self.trace {
+            Some(parent) => parent.child(span_id),
+            None => new_trace(span_id),
+        };
+        let span = tracing::info_span!(
+            "leasehold.acquire",
+            resource = %self.resource,
+            trace_id = %trace.trace_id_hex(),
+            span_id = %trace.parent_id_hex(),
+        );
+        self.send_traced(trace).instrument(span).await
+    }
+
+    async fn send_traced(self, trace: TraceParent) -> Result<Lease, AcquireError> {
         let client = self.client;
         let mut id = [0u8; 16];
         rand::rng().fill(&mut id);
@@ -233,6 +264,8 @@ impl AcquireBuilder {
                 wait_ms: wait.as_millis() as u64,
             };
             let mut rpc = client.rpc.clone();
+            let mut req = tonic::Request::new(req);
+            trace.attach(req.metadata_mut());
             Box::pin(async move {
                 let sent_at = Instant::now();
                 let outcome = rpc.acquire(req).await?.into_inner().outcome;
@@ -261,6 +294,18 @@ impl AcquireBuilder {
                 expires_in: Duration::from_millis(h.expires_in_ms),
             }),
         }
+    }
+}
+
+/// A new trace, with random ids, sampled; `span_id` is the acquire's span.
+fn new_trace(span_id: [u8; 8]) -> TraceParent {
+    let mut trace_id = [0u8; 16];
+    rand::rng().fill(&mut trace_id);
+    trace_id[0] |= 1; // never all zeros
+    TraceParent {
+        trace_id,
+        parent_id: span_id,
+        flags: 1,
     }
 }
 

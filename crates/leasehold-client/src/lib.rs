@@ -69,6 +69,7 @@ mod session;
 pub use client::{AcquireBuilder, Client, ClientConfig};
 pub use error::{AcquireError, ClientError, LostReason, WithLeaseError};
 pub use lease::{Lease, LeaseHandle};
+pub use leasehold_fence::trace::TraceParent;
 pub use leasehold_fence::{Fence, FenceError};
 pub use session::{Calls, Grant, Session};
 

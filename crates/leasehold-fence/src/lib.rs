@@ -77,6 +77,13 @@ handler(req)?;
 //!
 //! `attach` or `Fence::attach_to` (`grpc`) add the metadata to a request;
 //! [`Fence::header_values`] gives the HTTP header values.
+//!
+//! # Trace context
+//!
+//! [`trace`] is the W3C `traceparent` that travels with a worker's calls to
+//! the coordinator, so both sides' spans share one trace id.
+
+pub mod trace;
 
 #[cfg(feature = "signed")]
 pub mod signed;

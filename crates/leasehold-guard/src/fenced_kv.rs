@@ -188,8 +188,13 @@ impl FencedKvService {
     /// The service wrapped in [`fencing::optional_fence`]: Put requires the
     /// fence it parses, Get does not.
     pub fn into_server(self) -> FencedKvGrpc {
-        FencedKvServer::with_interceptor(self, fencing::optional_fence as FenceInterceptor)
+        FencedKvServer::with_interceptor(self, counted_optional_fence as FenceInterceptor)
     }
+}
+
+/// [`fencing::optional_fence`], counting what it refuses as malformed.
+fn counted_optional_fence(req: Request<()>) -> Result<Request<()>, Status> {
+    fencing::optional_fence(req).inspect_err(|_| crate::metrics::refused_malformed())
 }
 
 /// Every storage error becomes a status here, and only here.
@@ -227,8 +232,12 @@ pub(crate) fn check_key(key: &str) -> Result<(), Status> {
 impl FencedKv for FencedKvService {
     #[tracing::instrument(skip_all, fields(key = %req.get_ref().key, resource, token))]
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let mut fence = Fence::from_request(&req)?.clone();
-        fence.token = self.token_of(&req, &fence)?;
+        let mut fence = Fence::from_request(&req)
+            .inspect_err(|_| crate::metrics::refused_malformed())?
+            .clone();
+        fence.token = self
+            .token_of(&req, &fence)
+            .inspect_err(|_| crate::metrics::refused_malformed())?;
         let span = tracing::Span::current();
         span.record("resource", fence.resource.as_str());
         span.record("token", fence.token);

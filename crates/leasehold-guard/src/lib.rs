@@ -19,6 +19,7 @@
 //! | [`fencing`] | reading the fence from gRPC metadata or HTTP headers (the `leasehold-fence` crate) | `grpc` for metadata |
 //! | `fenced_kv` | a small fenced key-value gRPC service built from the above | `grpc` |
 //! | `SignedWriteError`, `check_signed`, `write_signed`, `insert_signed` | writes whose token comes from a fence the coordinator signed, verified offline with its public keys | `signed` |
+//! | [`metrics`] | counters (writes accepted, refused stale, refused malformed) through the `metrics` facade; names always, counting with the feature | `metrics` |
 //!
 //! With `default-features = false` the crate needs neither sled nor gRPC:
 //! [`check`] and [`MemoryGuard`] are enough for storage you own in memory,
@@ -241,6 +242,7 @@
 //! ```
 
 mod memory;
+pub mod metrics;
 mod rule;
 
 #[cfg(feature = "sled")]

@@ -30,6 +30,7 @@ type Shard = Mutex<HashMap<Box<str>, Arc<Mutex<Slot>>>>;
 pub struct MemoryGuard {
     hasher: RandomState,
     shards: Box<[Shard]>,
+    counters: crate::metrics::GuardCounters,
 }
 
 impl Default for MemoryGuard {
@@ -52,6 +53,7 @@ impl MemoryGuard {
         MemoryGuard {
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            counters: crate::metrics::GuardCounters::new(),
         }
     }
 
@@ -92,6 +94,17 @@ impl MemoryGuard {
     /// [`MemoryGuard::write`] when the write must be ordered with the check.
     #[inline]
     pub fn check_and_record(&self, resource: &str, token: u64) -> Result<Admitted, GuardError> {
+        let result = self.check_and_record_uncounted(resource, token);
+        self.counters.observe(&result);
+        result
+    }
+
+    #[inline]
+    fn check_and_record_uncounted(
+        &self,
+        resource: &str,
+        token: u64,
+    ) -> Result<Admitted, GuardError> {
         loop {
             let mut map = self.shard(resource).lock();
             let Some(entry) = map.get(resource) else {
@@ -131,6 +144,15 @@ impl MemoryGuard {
     /// If the token is stale, `f` does not run. If `f` fails, the mark does
     /// not move, so `f` should leave nothing behind when it fails.
     pub fn write<T, E, F>(&self, resource: &str, token: u64, f: F) -> Result<T, GuardError<E>>
+    where
+        F: FnOnce() -> Result<T, E>,
+    {
+        let result = self.write_uncounted(resource, token, f);
+        self.counters.observe(&result);
+        result
+    }
+
+    fn write_uncounted<T, E, F>(&self, resource: &str, token: u64, f: F) -> Result<T, GuardError<E>>
     where
         F: FnOnce() -> Result<T, E>,
     {

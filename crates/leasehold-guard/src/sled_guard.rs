@@ -104,6 +104,7 @@ pub struct SledGuard {
     /// trees spread over the locks independently.
     tree_hash: u64,
     flusher: GroupFlusher,
+    counters: crate::metrics::GuardCounters,
 }
 
 impl SledGuard {
@@ -125,6 +126,7 @@ impl SledGuard {
             marks: db.open_tree(tree_name)?,
             tree_hash: lock_hasher().hash_one(tree_name),
             flusher,
+            counters: crate::metrics::GuardCounters::new(),
         })
     }
 
@@ -173,6 +175,17 @@ impl SledGuard {
     /// sled's log, and sled recovers a prefix of its log. See the
     /// [module docs](crate#atomic-with-the-write).
     fn fenced<T, E>(
+        &self,
+        resource: &str,
+        token: u64,
+        f: impl FnOnce() -> Result<T, GuardError<E>>,
+    ) -> Result<(T, Admitted), GuardError<E>> {
+        let result = self.fenced_uncounted(resource, token, f);
+        self.counters.observe(&result);
+        result
+    }
+
+    fn fenced_uncounted<T, E>(
         &self,
         resource: &str,
         token: u64,
@@ -342,6 +355,21 @@ impl SledGuard {
     /// mark's update, all in one sled transaction. The caller holds the
     /// resource's lock.
     fn transact<T, E, F>(
+        &self,
+        resource: &str,
+        token: u64,
+        data: &[&sled::Tree],
+        f: F,
+    ) -> Result<T, GuardError<E>>
+    where
+        F: Fn(&[TransactionalTree]) -> ConflictableTransactionResult<T, E>,
+    {
+        let result = self.transact_uncounted(resource, token, data, f);
+        self.counters.observe(&result);
+        result
+    }
+
+    fn transact_uncounted<T, E, F>(
         &self,
         resource: &str,
         token: u64,
