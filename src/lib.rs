@@ -78,6 +78,7 @@ pub mod clock;
 pub mod commit;
 pub mod coordinator;
 pub mod lease;
+pub mod raft;
 pub mod server;
 pub mod service;
 pub mod state;

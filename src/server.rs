@@ -34,7 +34,10 @@ use crate::admin::AdminApi;
 use crate::auth::{AdminGate, AdminToken};
 use crate::coordinator::{Config, Coordinator};
 use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::cluster_service_server::ClusterServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
+use crate::proto::raft_service_server::RaftServiceServer;
+use crate::raft::forward::Forward;
 use crate::service::LeaseApi;
 use crate::store::StoreError;
 use crate::tls::{ServerTlsFiles, TlsError};
@@ -54,6 +57,9 @@ pub struct ServerConfig {
     pub insecure_admin: bool,
     /// Transport limits.
     pub limits: TransportLimits,
+    /// With `--peers`: this node's place in a cluster. `None`: a single
+    /// node, on the local write-ahead log.
+    pub cluster: Option<crate::raft::ClusterConfig>,
 }
 
 /// TransportLimits on what one client can make the transport hold.
@@ -89,6 +95,9 @@ pub enum ServerError {
     /// The transport failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The cluster node could not start.
+    #[error(transparent)]
+    Node(#[from] crate::raft::NodeError),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully.
@@ -97,8 +106,27 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let coordinator = open(&config)?;
-    serve(listener, config, coordinator, shutdown).await
+    let (coordinator, node) = open_node(&config).await?;
+    serve_node(listener, config, coordinator, node, shutdown).await
+}
+
+/// [`open`], or in a cluster ([`ServerConfig::cluster`]) the Raft node and
+/// its coordinator.
+pub async fn open_node(
+    config: &ServerConfig,
+) -> Result<(Coordinator, Option<crate::raft::Node>), ServerError> {
+    match &config.cluster {
+        None => Ok((open(config)?, None)),
+        Some(cluster) => {
+            let (node, coordinator) = crate::raft::Node::start(
+                &config.data_dir,
+                cluster.clone(),
+                config.coordinator.clone(),
+            )
+            .await?;
+            Ok((coordinator, Some(node)))
+        }
+    }
 }
 
 /// Opens the store and restores the lease table: everything that can fail
@@ -117,8 +145,31 @@ pub async fn serve(
     coordinator: Coordinator,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    serve_node(listener, config, coordinator, None, shutdown).await
+}
+
+/// [`serve`], with the cluster's services when `node` is given: the Raft
+/// RPCs and `ClusterService` on the same port, LeaseService and
+/// AdminService forwarded to the leader, health SERVING only while a leader
+/// is known.
+pub async fn serve_node(
+    listener: TcpListener,
+    config: ServerConfig,
+    coordinator: Coordinator,
+    node: Option<crate::raft::Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
+    match &node {
+        None => health.set_serving::<LeaseServiceServer<LeaseApi>>().await,
+        Some(node) => {
+            tokio::spawn(crate::raft::node::report_health(
+                node.clone(),
+                health.clone(),
+                coordinator.shutdown_token(),
+            ));
+        }
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -140,6 +191,21 @@ pub async fn serve(
             .max_decoding_message_size(max_bytes),
         gate,
     );
+    // A single node serves the services as they are; a cluster node
+    // forwards them to the leader and adds the cluster's own services.
+    let cluster = node.clone().map(|node| ClusterServices::new(node, max_bytes));
+    let (lease_service, admin_service, cluster) = match cluster {
+        None => (Some(lease_service), Some(admin_service), None),
+        Some(mut c) => {
+            c.lease = Some(Forward::new(lease_service, c.node.clone()));
+            c.admin = Some(Forward::new(admin_service, c.node.clone()));
+            (None, None, Some(c))
+        }
+    };
+    let (forwarded_lease, forwarded_admin, raft_service, cluster_service) = match cluster {
+        None => (None, None, None, None),
+        Some(c) => (c.lease, c.admin, Some(c.raft), Some(c.cluster)),
+    };
 
     let stopping = coordinator.shutdown_token();
     let on_shutdown = {
@@ -164,13 +230,53 @@ pub async fn serve(
         ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(lease_service)
-        .add_service(admin_service)
+        .add_optional_service(lease_service)
+        .add_optional_service(admin_service)
+        .add_optional_service(forwarded_lease)
+        .add_optional_service(forwarded_admin)
+        .add_optional_service(raft_service)
+        .add_optional_service(cluster_service)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await;
     coordinator.shutdown();
+    if let Some(node) = &node {
+        node.shutdown().await;
+    }
     tracing::info!("stopped");
     result.map_err(ServerError::from)
+}
+
+type AdminServer = InterceptedService<AdminServiceServer<AdminApi>, AdminGate>;
+
+/// A cluster node's services (see [`serve_node`]).
+struct ClusterServices {
+    node: crate::raft::Node,
+    lease: Option<Forward<LeaseServiceServer<LeaseApi>>>,
+    admin: Option<Forward<AdminServer>>,
+    raft: RaftServiceServer<crate::raft::network::RaftApi>,
+    cluster: Forward<ClusterServiceServer<crate::raft::cluster_api::ClusterApi>>,
+}
+
+impl ClusterServices {
+    fn new(node: crate::raft::Node, _max_bytes: usize) -> Self {
+        // Raft messages carry batches and snapshots: no size limit between
+        // members (only members reach them when mTLS is on).
+        let raft = RaftServiceServer::new(crate::raft::network::RaftApi::new(node.raft().clone()))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let cluster = Forward::new(
+            ClusterServiceServer::new(crate::raft::cluster_api::ClusterApi::new(node.clone())),
+            node.clone(),
+        )
+        .local(&["/leasehold.v1.ClusterService/Status"]);
+        ClusterServices {
+            node,
+            lease: None,
+            admin: None,
+            raft,
+            cluster,
+        }
+    }
 }
 
 /// Decides who may use the admin API, and says so in the log.
