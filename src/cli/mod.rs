@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod acquire;
 pub mod bench;
+pub mod cluster;
 pub mod common;
 pub mod exit;
 pub mod leases;
@@ -35,6 +36,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Measure a server: `cycle`, `contended`, `keepalive`, `fill`, `ready`.
     Bench(bench::BenchArgs),
+    /// Operators: a cluster's members and leader; add and remove members.
+    Cluster(cluster::ClusterArgs),
 }
 
 /// Parses a human duration (`30s`, `1m`, `250ms`).
@@ -49,6 +52,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(args) => return serve::run(args).await,
         Command::Leases(args) => leases::run(args).await,
         Command::Status(args) => status::run(args).await,
+        Command::Cluster(args) => cluster::run(args).await,
         Command::Acquire(args) => return acquire::run(args).await,
         Command::Bench(args) => return bench::run(args).await,
     };

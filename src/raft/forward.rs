@@ -114,7 +114,12 @@ where
                         *req.uri_mut() = uri;
                     }
                     let mut channel = channel;
-                    match channel.call(req).await {
+                    let ready = tower::ServiceExt::ready(&mut channel).await.map(|_| ());
+                    let answer = match ready {
+                        Ok(()) => channel.call(req).await,
+                        Err(e) => Err(e),
+                    };
+                    match answer {
                         Ok(res) => Ok(res.map(Body::new)),
                         Err(e) => Ok(unavailable(format!(
                             "forwarding to the leader at {addr} failed: {e}; retry"
