@@ -82,12 +82,13 @@ pub struct ServeArgs {
     /// Cluster: start empty and wait to be added with `leasehold cluster add`.
     #[arg(long, requires = "node_id")]
     pub join: bool,
-    /// Cluster: a follower that hears no leader for between this and twice
-    /// this starts an election.
-    #[arg(long, default_value = "500ms", value_parser = super::parse_duration)]
+    /// Cluster: T, where a follower that hears nothing from the leader for
+    /// 2.5 T to 3 T starts an election (openraft's leader lease of 1.5 T,
+    /// then a random T to 1.5 T).
+    #[arg(long, default_value = "300ms", value_parser = super::parse_duration)]
     pub election_timeout: Duration,
-    /// Cluster: how often the leader sends heartbeats (below half the election timeout).
-    #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
+    /// Cluster: how often the leader sends heartbeats (at most half the election timeout).
+    #[arg(long, default_value = "50ms", value_parser = super::parse_duration)]
     pub heartbeat: Duration,
     /// Cluster: longest a write or a leadership check may take before the
     /// call is answered UNAVAILABLE.

@@ -55,8 +55,10 @@ pub struct ClusterConfig {
     pub peers: BTreeMap<NodeId, String>,
     /// Wait to be added (`cluster add`) instead of forming a cluster.
     pub join: bool,
-    /// A follower that hears no leader for a random time between this and
-    /// twice this starts an election.
+    /// `T`: a follower that hears nothing from the leader for openraft's
+    /// leader lease (1.5 T) plus a random time between T and 1.5 T starts an
+    /// election, so a dead leader is replaced 2.5 T to 3 T after its last
+    /// heartbeat, plus one round trip to take over.
     pub election_timeout: Duration,
     /// How often the leader sends heartbeats.
     pub heartbeat: Duration,
@@ -76,8 +78,8 @@ impl Default for ClusterConfig {
             node_id: 1,
             peers: BTreeMap::new(),
             join: false,
-            election_timeout: Duration::from_millis(500),
-            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(300),
+            heartbeat: Duration::from_millis(50),
             commit_timeout: Duration::from_secs(3),
             snapshot_every: 20_000,
             peer_tls: None,
@@ -237,7 +239,10 @@ impl Node {
         let raft_config = openraft::Config {
             cluster_name: "leasehold".into(),
             election_timeout_min: timeout,
-            election_timeout_max: timeout * 2,
+            // openraft waits its leader lease (= the maximum) and then a
+            // random timeout in [min, max]: keep the range narrow so a
+            // dead leader is replaced within 3 T.
+            election_timeout_max: timeout + timeout / 2,
             heartbeat_interval: (config.heartbeat.as_millis() as u64).clamp(1, timeout / 2),
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod admin_cli;
 mod bench;
+mod cluster;
 mod client;
 mod coordinator;
 mod crash;

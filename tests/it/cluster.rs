@@ -1,0 +1,544 @@
+//! A replicated coordinator: three (or four) `leasehold serve --peers`
+//! processes on 127.0.0.1 with temporary data directories, faults injected
+//! with kill -9, SIGSTOP/SIGCONT and an in-test TCP proxy per node-to-node
+//! link. Every wait is bounded.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold::proto::acquire_response::Outcome;
+use leasehold::proto::cluster_service_client::ClusterServiceClient;
+use leasehold::proto::lease_service_client::LeaseServiceClient;
+use leasehold::proto::{self, ClusterStatusResponse};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::support::{acquire_req, admin_over, binary, grant, run_cli, ServerProcess};
+
+/// A port that was free a moment ago (the nodes must know each other's
+/// addresses before they start).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn lazy(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_owned())
+        .expect("url")
+        .connect_timeout(Duration::from_millis(300))
+        .timeout(Duration::from_secs(4))
+        .connect_lazy()
+}
+
+fn lease_client(url: &str) -> LeaseServiceClient<Channel> {
+    LeaseServiceClient::new(lazy(url))
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    /// Node `i + 1` listens on `urls[i]`.
+    urls: Vec<String>,
+    /// The `--peers` value of each node.
+    peers: Vec<String>,
+    nodes: Vec<Option<ServerProcess>>,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// `n` nodes that reach each other directly.
+    async fn start(n: usize, extra: &[&str]) -> Self {
+        let urls: Vec<String> = (0..n)
+            .map(|_| format!("http://127.0.0.1:{}", free_port()))
+            .collect();
+        let all = peers_arg(&urls);
+        Self::start_with(urls, vec![all; n], extra)
+    }
+
+    fn start_with(urls: Vec<String>, peers: Vec<String>, extra: &[&str]) -> Self {
+        let mut c = Cluster {
+            dir: tempfile::tempdir().expect("temp dir"),
+            nodes: urls.iter().map(|_| None).collect(),
+            urls,
+            peers,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..c.urls.len() {
+            c.spawn(i);
+        }
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let dir = self.dir.path().join(format!("n{}", i + 1));
+        let listen = self.urls[i].trim_start_matches("http://").to_owned();
+        let id = (i + 1).to_string();
+        let mut args = vec![
+            "serve",
+            "--node-id",
+            &id,
+            "--listen",
+            &listen,
+            "--data-dir",
+            dir.to_str().expect("utf-8"),
+            "--peers",
+            &self.peers[i],
+        ];
+        args.extend(self.extra.iter().map(String::as_str));
+        self.nodes[i] = Some(ServerProcess::spawn_program(&binary(), &args));
+    }
+
+    fn node(&mut self, i: usize) -> &mut ServerProcess {
+        self.nodes[i].as_mut().expect("node running")
+    }
+
+    /// The index of the node that serves (leads and has taken over), among
+    /// `among`, within `within`.
+    async fn leader_among(&self, among: &[usize], within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            for &i in among {
+                if status(&self.urls[i]).await.is_some_and(|s| s.serving) {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader among {among:?} within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn leader(&self, within: Duration) -> usize {
+        let all: Vec<usize> = (0..self.urls.len()).collect();
+        self.leader_among(&all, within).await
+    }
+}
+
+fn peers_arg(urls: &[String]) -> String {
+    urls.iter()
+        .enumerate()
+        .map(|(i, u)| format!("{}={u}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A node's view of the cluster, or `None` if it does not answer within 300 ms.
+async fn status(url: &str) -> Option<ClusterStatusResponse> {
+    let mut c = ClusterServiceClient::new(lazy(url));
+    let call = c.status(proto::ClusterStatusRequest {});
+    match tokio::time::timeout(Duration::from_millis(300), call).await {
+        Ok(Ok(r)) => Some(r.into_inner()),
+        _ => None,
+    }
+}
+
+/// Waits until every node in `among` has applied the same last index,
+/// at or past `at_least`, and returns it.
+async fn converged(urls: &[String], among: &[usize], at_least: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = Vec::new();
+        for &i in among {
+            seen.push(status(&urls[i]).await.map(|s| (s.last_log_index, s.applied_index)));
+        }
+        if let Some(Some((last, applied))) = seen.first().copied() {
+            if applied >= at_least && seen.iter().all(|s| *s == Some((last, applied))) {
+                return applied;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {among:?} did not converge past {at_least} within {within:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn try_acquire(
+    c: &mut LeaseServiceClient<Channel>,
+    req: proto::AcquireRequest,
+) -> Result<Outcome, tonic::Status> {
+    let outcome = c.acquire(req).await?.into_inner().outcome;
+    Ok(outcome.expect("an outcome"))
+}
+
+/// Every live lease under `prefix`, by resource, as the leader lists it
+/// (through whichever node `url` is: it forwards).
+async fn list(url: &str, prefix: &str) -> BTreeMap<String, u64> {
+    let mut admin = admin_over(lazy(url), None);
+    let mut out = BTreeMap::new();
+    let mut page_token = String::new();
+    for _ in 0..1000 {
+        let page = admin
+            .list_leases(proto::ListLeasesRequest {
+                prefix: prefix.into(),
+                page_size: 1000,
+                page_token: page_token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        out.extend(page.leases.into_iter().map(|l| (l.resource, l.token)));
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        page_token = page.next_page_token;
+    }
+    panic!("more than 1000 pages");
+}
+
+/// Three nodes form a cluster by themselves; a grant through a follower
+/// works; kill -9 of the leader under concurrent load loses no
+/// acknowledged grant, tokens strictly increase and are never reused, a
+/// survivor grants again within 2 s; the killed node rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_under_load_loses_nothing() {
+    let mut c = Cluster::start(3, &[]).await;
+    let formed = Instant::now();
+    let leader = c.leader(Duration::from_secs(5)).await;
+    eprintln!("formed in {:?}", formed.elapsed());
+    let follower = (leader + 1) % 3;
+    let mut via_follower = lease_client(&c.urls[follower]);
+    let first = grant(&mut via_follower, acquire_req("via/follower", "w0", 60_000)).await;
+
+    // Acknowledged grants: (when, worker, resource, token).
+    type Acks = Vec<(Instant, usize, String, u64)>;
+    let acks: Arc<parking_lot::Mutex<Acks>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (acks, stop, urls) = (acks.clone(), stop.clone(), c.urls.clone());
+        workers.push(tokio::spawn(async move {
+            let mut at = w % 3;
+            let mut client = lease_client(&urls[at]);
+            let started = Instant::now();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(30) {
+                let resource = format!("load/{w}/{i}");
+                match try_acquire(&mut client, acquire_req(&resource, "w", 60_000)).await {
+                    Ok(Outcome::Lease(l)) => {
+                        acks.lock().push((Instant::now(), w, resource, l.token));
+                        i += 1;
+                    }
+                    Ok(other) => panic!("{resource} is new, yet: {other:?}"),
+                    Err(_) => {
+                        // Move on to the next node (the resource may or may
+                        // not have been granted: take a fresh one).
+                        i += 1;
+                        at = (at + 1) % 3;
+                        client = lease_client(&urls[at]);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    c.node(leader).kill9();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("worker");
+    }
+    let acks = acks.lock().clone();
+    let before: Vec<u64> = acks.iter().filter(|a| a.0 < killed_at).map(|a| a.3).collect();
+    let after: Vec<&(Instant, usize, String, u64)> =
+        acks.iter().filter(|a| a.0 >= killed_at).collect();
+    assert!(!before.is_empty() && !after.is_empty(), "{} before, {} after", before.len(), after.len());
+
+    // A survivor grants again within 2 s.
+    let regained = after.iter().map(|a| a.0).min().expect("a grant after") - killed_at;
+    eprintln!("first grant {regained:?} after kill -9 of the leader; {} grants in all", acks.len());
+    assert!(regained <= Duration::from_secs(2), "took {regained:?}");
+
+    // Tokens strictly increase (per worker, whose calls are sequential),
+    // across the leader change too, and no token is handed out twice.
+    for w in 0..6 {
+        let tokens: Vec<u64> = acks.iter().filter(|a| a.1 == w).map(|a| a.3).collect();
+        assert!(tokens.windows(2).all(|p| p[0] < p[1]), "worker {w}: {tokens:?}");
+    }
+    let mut all: Vec<u64> = acks.iter().map(|a| a.3).collect();
+    all.push(first.token);
+    let unique: HashSet<u64> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "a token was handed out twice");
+    let max_before = before.iter().max().copied().unwrap_or(0);
+    assert!(after.iter().all(|a| a.3 > max_before));
+
+    // No acknowledged grant is lost: each is live on the new leader with its token.
+    let survivor = (leader + 1) % 3;
+    let live = list(&c.urls[survivor], "load/").await;
+    for (_, _, resource, token) in &acks {
+        assert_eq!(live.get(resource), Some(token), "{resource} lost");
+    }
+    assert_eq!(list(&c.urls[survivor], "via/").await.get("via/follower"), Some(&first.token));
+
+    // The killed node rejoins and catches up.
+    let last = status(&c.urls[survivor]).await.expect("status").last_log_index;
+    c.spawn(leader);
+    converged(&c.urls, &[0, 1, 2], last, Duration::from_secs(10)).await;
+    let back = status(&c.urls[leader]).await.expect("status");
+    assert!(back.leader_id != 0 && back.leader_id != (leader + 1) as u64, "{back:?}");
+}
+
+/// SIGSTOP the leader past the election timeout while a lease is held
+/// through it: new grants come from the new leader; the held lease is
+/// granted again only after its TTL has run (mutual exclusion) and within
+/// TTL + election time of the pause (the liveness bound); after SIGCONT the
+/// old leader renews nothing and grants nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
+    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let mut c = Cluster::start(3, &flags).await;
+    let old = c.leader(Duration::from_secs(5)).await;
+    let mut direct = lease_client(&c.urls[old]);
+    let ttl = Duration::from_millis(2000);
+    let sent = Instant::now();
+    let held = grant(&mut direct, acquire_req("paused/r", "old", ttl.as_millis() as u64)).await;
+
+    c.node(old).signal("STOP");
+    let stopped = Instant::now();
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = c.leader_among(&others, Duration::from_secs(5)).await;
+    let third = others.iter().copied().find(|&i| i != new).expect("third");
+    let mut via = lease_client(&c.urls[third]);
+    let fresh = grant(&mut via, acquire_req("paused/other", "new", 60_000)).await;
+    assert!(fresh.token > held.token);
+
+    // The held lease: held by "old" until its TTL has run on the new leader.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let taken = loop {
+        match try_acquire(&mut via, acquire_req("paused/r", "new", 60_000)).await {
+            Ok(Outcome::Lease(l)) => break (Instant::now(), l),
+            Ok(Outcome::Held(h)) => {
+                assert_eq!((h.holder.as_str(), h.token), ("old", held.token));
+            }
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        }
+        assert!(Instant::now() < deadline, "paused/r never came free");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    let (granted_at, taken) = taken;
+    assert!(granted_at >= sent + ttl, "granted {:?} after the first grant was asked", granted_at - sent);
+    // Bound: TTL counted from the new leader's promotion, which comes at
+    // most 3 T (T = 300 ms) after the last heartbeat, plus a takeover.
+    let bound = ttl + Duration::from_millis(3 * 300 + 600);
+    assert!(
+        granted_at - stopped <= bound,
+        "a dead holder's lease outlived its TTL by {:?}",
+        granted_at - stopped - ttl
+    );
+    assert!(taken.token > fresh.token);
+
+    // The old leader resumes: it renews nothing, grants nothing, and shows
+    // nothing older than the new leader's state.
+    c.node(old).signal("CONT");
+    let mut direct = lease_client(&c.urls[old]);
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut answered = 0;
+    while Instant::now() < until {
+        let renewed = crate::support::renew(&mut direct, &held).await;
+        assert!(renewed.is_err(), "the old lease was renewed: {renewed:?}");
+        match try_acquire(&mut direct, acquire_req("paused/r", "third", 60_000)).await {
+            Ok(Outcome::Held(h)) => {
+                assert_eq!(h.token, taken.token);
+                answered += 1;
+            }
+            Ok(Outcome::Lease(l)) => panic!("the old leader granted {l:?}"),
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(answered > 0, "the resumed node never answered (it should forward)");
+}
+
+/// A directed link between two nodes that the test can cut.
+struct Link {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl Link {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(AtomicBool::new(true));
+        let (cut, _) = tokio::sync::watch::channel(0u64);
+        let (up2, cut2) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if !up2.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection closes
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let mut cut_rx = cut2.subscribe();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Link { addr, up, cut }
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::SeqCst);
+        if !up {
+            self.cut.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// The leader is cut off from both others (every node-to-node link goes
+/// through an in-test proxy): the majority elects a new leader and keeps
+/// granting; the old leader grants nothing; after the links heal, every
+/// node holds the same log and nothing the cut-off leader attempted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    // links[i][j]: node i's way to node j.
+    let mut links: Vec<Vec<Option<Link>>> = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..3 {
+        let mut row = Vec::new();
+        let mut list = Vec::new();
+        for j in 0..3 {
+            if i == j {
+                row.push(None);
+                list.push(format!("{}={}", j + 1, urls[j]));
+            } else {
+                let target: SocketAddr = format!("127.0.0.1:{}", ports[j]).parse().expect("addr");
+                let link = Link::start(target).await;
+                list.push(format!("{}=http://{}", j + 1, link.addr));
+                row.push(Some(link));
+            }
+        }
+        links.push(row);
+        peers.push(list.join(","));
+    }
+    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let c = Cluster::start_with(urls.clone(), peers, &flags);
+    let old = c.leader(Duration::from_secs(5)).await;
+    let mut direct = lease_client(&urls[old]);
+    let before = grant(&mut direct, acquire_req("part/before", "a", 60_000)).await;
+
+    let cut = |up: bool| {
+        for (i, row) in links.iter().enumerate() {
+            for (j, link) in row.iter().enumerate() {
+                if let Some(link) = link {
+                    if i == old || j == old {
+                        link.set(up);
+                    }
+                }
+            }
+        }
+    };
+    cut(false);
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let new = c.leader_among(&others, Duration::from_secs(5)).await;
+    let mut majority = lease_client(&urls[new]);
+    let after = grant(&mut majority, acquire_req("part/after", "b", 60_000)).await;
+    assert!(after.token > before.token);
+
+    // The cut-off leader cannot commit: it grants nothing.
+    for k in 0..3 {
+        let resource = format!("part/minority/{k}");
+        let r = try_acquire(&mut direct, acquire_req(&resource, "c", 60_000)).await;
+        assert!(r.is_err(), "the cut-off leader granted {resource}: {r:?}");
+    }
+
+    cut(true);
+    let last = status(&urls[new]).await.expect("status").last_log_index;
+    converged(&urls, &[0, 1, 2], last, Duration::from_secs(10)).await;
+    let live = list(&urls[old], "part/").await;
+    assert_eq!(live.get("part/before"), Some(&before.token));
+    assert_eq!(live.get("part/after"), Some(&after.token));
+    assert!(
+        live.keys().all(|r| !r.starts_with("part/minority")),
+        "a grant the cut-off leader attempted took effect: {live:?}"
+    );
+    let back = status(&urls[old]).await.expect("status");
+    assert_eq!(back.leader_id, (new + 1) as u64);
+}
+
+/// A fourth node is added (learner, then voter) and removed with the CLI
+/// while grants keep succeeding; a node down during many grants catches up
+/// from a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
+    let mut c = Cluster::start(3, &["--snapshot-every", "100"]).await;
+    let leader = c.leader(Duration::from_secs(5)).await;
+    let url = c.urls[leader].clone();
+
+    // Grants keep succeeding throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, url) = (stop.clone(), url.clone());
+        tokio::spawn(async move {
+            let mut client = lease_client(&url);
+            let mut n = 0u64;
+            let started = Instant::now();
+            while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(30) {
+                let l = grant(&mut client, acquire_req(&format!("m/{n}"), "m", 60_000)).await;
+                assert!(l.token > 0);
+                n += 1;
+            }
+            n
+        })
+    };
+
+    let port4 = free_port();
+    let url4 = format!("http://127.0.0.1:{port4}");
+    let dir4 = c.dir.path().join("n4");
+    let _node4 = ServerProcess::spawn_program(
+        &binary(),
+        &[
+            "serve",
+            "--node-id",
+            "4",
+            "--join",
+            "--listen",
+            &format!("127.0.0.1:{port4}"),
+            "--data-dir",
+            dir4.to_str().expect("utf-8"),
+        ],
+    );
+    let add = run_cli(&["cluster", "add", &format!("4={url4}"), "--server", &c.urls[(leader + 1) % 3]], &[]).await;
+    assert_eq!(add.code, 0, "{}", add.stderr);
+    assert!(add.stdout.contains("voters [1, 2, 3, 4]"), "{}", add.stdout);
+    let shown = run_cli(&["cluster", "status", "--json", "--server", &url], &[]).await;
+    let json: serde_json::Value = serde_json::from_str(&shown.stdout).expect("json");
+    assert_eq!(json["members"].as_array().map(Vec::len), Some(4), "{json}");
+    // The new member answers (forwarding to the leader).
+    let mut via4 = lease_client(&url4);
+    grant(&mut via4, acquire_req("m/through-4", "m", 60_000)).await;
+
+    let remove = run_cli(&["cluster", "remove", "4", "--server", &url], &[]).await;
+    assert_eq!(remove.code, 0, "{}", remove.stderr);
+    assert!(remove.stdout.contains("voters [1, 2, 3]"), "{}", remove.stdout);
+
+    // A follower down while the log grows past several snapshots catches up.
+    let down = (leader + 1) % 3;
+    c.node(down).kill9();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let granted = load.await.expect("load");
+    assert!(granted > 300, "only {granted} grants");
+    let leader_status = status(&url).await.expect("status");
+    assert!(leader_status.snapshot_index > 0, "{leader_status:?}");
+    c.spawn(down);
+    converged(&c.urls, &[0, 1, 2], leader_status.last_log_index, Duration::from_secs(15)).await;
+}
