@@ -73,3 +73,31 @@ impl ClusterService for ClusterApi {
         Ok(Response::new(self.membership()))
     }
 }
+
+/// The leader's address as the first of `servers` that answers sees it
+/// (`None` when none answers or none knows a leader). For clients that want
+/// to skip the follower's forwarding hop.
+pub async fn find_leader<'a>(servers: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    use crate::proto::cluster_service_client::ClusterServiceClient;
+    for server in servers {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(server.to_owned()) else {
+            continue;
+        };
+        let endpoint = endpoint
+            .connect_timeout(std::time::Duration::from_millis(500))
+            .timeout(std::time::Duration::from_secs(1));
+        let Ok(channel) = endpoint.connect().await else {
+            continue;
+        };
+        let status = ClusterServiceClient::new(channel)
+            .status(ClusterStatusRequest {})
+            .await;
+        if let Ok(s) = status {
+            let s = s.into_inner();
+            if !s.leader_address.is_empty() {
+                return Some(s.leader_address);
+            }
+        }
+    }
+    None
+}

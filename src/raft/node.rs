@@ -246,7 +246,9 @@ impl Node {
             heartbeat_interval: (config.heartbeat.as_millis() as u64).clamp(1, timeout / 2),
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
-            max_in_snapshot_log_to_keep: 1000,
+            // Keep some entries after a snapshot so a follower a little
+            // behind catches up from the log, not a whole snapshot.
+            max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
             max_payload_entries: 1000,
             ..Default::default()
         }
