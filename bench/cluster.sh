@@ -65,12 +65,15 @@ leader() {
     done
     echo "no leader" >&2; exit 1
 }
+applied() {
+    local s
+    s=$("$B" cluster status --json --server "${URLS[$1]}" 2>/dev/null || true)
+    if [ -n "$s" ]; then echo "$s" | field "['applied_index']"; else echo "down$1"; fi
+}
 caught_up() {
     for _ in $(seq 1 300); do
         local a b c
-        a=$("$B" cluster status --json --server "${URLS[1]}" 2>/dev/null | field "['applied_index']" || echo x1)
-        b=$("$B" cluster status --json --server "${URLS[2]}" 2>/dev/null | field "['applied_index']" || echo x2)
-        c=$("$B" cluster status --json --server "${URLS[3]}" 2>/dev/null | field "['applied_index']" || echo x3)
+        a=$(applied 1); b=$(applied 2); c=$(applied 3)
         if [ "$a" = "$b" ] && [ "$b" = "$c" ]; then return; fi
         sleep 0.05
     done
