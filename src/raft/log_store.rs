@@ -1,6 +1,13 @@
 //! The Raft log: an append-only file of our own, every append `fdatasync`ed
 //! before openraft is told it is durable.
 //!
+//! An append writes its record and returns; a sync thread then
+//! `fdatasync`s the file once for every append that queued up meanwhile
+//! and only then tells openraft (in order) that they are durable. So the
+//! leader sends entries to its followers while its own sync runs, and
+//! concurrent appends share one sync. The vote is synced before
+//! `save_vote` returns.
+//!
 //! The file is a sequence of records, each `[len u32][crc32 u32][JSON]` of
 //! one [`LogOp`] (entries appended, a suffix truncated, a prefix purged, the
 //! vote, the committed id). On open the records are replayed in order into
@@ -54,9 +61,33 @@ struct Inner {
 }
 
 /// The log store (cheap to clone: clones share the file).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
+    syncs: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+/// Syncs the file for every append queued, then reports them durable, in order.
+fn run_syncs(inner: Arc<Mutex<Inner>>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        // Every record of these appends was written before it was queued.
+        let file = inner.lock().file.try_clone();
+        let result = file.and_then(|f| f.sync_data());
+        for callback in batch {
+            callback.log_io_completed(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
 }
 
 fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -118,9 +149,13 @@ impl LogStore {
             inner.file.set_len(at as u64)?;
             inner.file.sync_all()?;
         }
-        Ok(LogStore {
-            inner: Arc::new(Mutex::new(inner)),
-        })
+        let inner = Arc::new(Mutex::new(inner));
+        let (syncs, rx) = std::sync::mpsc::channel();
+        let shared = inner.clone();
+        std::thread::Builder::new()
+            .name("leasehold-raft-log".into())
+            .spawn(move || run_syncs(shared, rx))?;
+        Ok(LogStore { inner, syncs })
     }
 
     fn write(&self, op: &LogOp) -> Result<(), std::io::Error> {
@@ -151,10 +186,14 @@ impl Inner {
     }
 
     fn write(&mut self, op: &LogOp) -> std::io::Result<()> {
+        self.write_unsynced(op)?;
+        self.file.sync_data()
+    }
+
+    fn write_unsynced(&mut self, op: &LogOp) -> std::io::Result<()> {
         let mut buf = Vec::new();
         frame(op, &mut buf)?;
         self.file.write_all(&buf)?;
-        self.file.sync_data()?;
         self.records += 1;
         Ok(())
     }
@@ -263,31 +302,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<_> = entries.into_iter().collect();
         let mut inner = self.inner.lock();
         let op = LogOp::Append(entries);
-        let result = inner.write(&op);
-        if result.is_ok() {
-            inner.replay(op);
+        if let Err(e) = inner.write_unsynced(&op) {
+            drop(inner);
+            let failed = io_err(std::io::Error::new(e.kind(), e.to_string()));
+            callback.log_io_completed(Err(e));
+            return Err(failed);
         }
+        inner.replay(op);
         drop(inner);
-        let failed = result.as_ref().err().map(|e| io_err(std::io::Error::new(e.kind(), e.to_string())));
-        callback.log_io_completed(result);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
+        // Durable (and reported so) once the sync thread has synced it.
+        if let Err(std::sync::mpsc::SendError(callback)) = self.syncs.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("the log's sync thread stopped")));
         }
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // Synced with the next append: the file keeps its order, so a crash
+        // before that sync loses the truncation and the appends together.
         let mut inner = self.inner.lock();
         inner
-            .write(&LogOp::Truncate(log_id.index))
+            .write_unsynced(&LogOp::Truncate(log_id.index))
             .map_err(io_err)?;
         inner.replay(LogOp::Truncate(log_id.index));
         Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // A purge lost in a crash only keeps entries a snapshot covers.
         let mut inner = self.inner.lock();
-        inner.write(&LogOp::Purge(log_id)).map_err(io_err)?;
+        inner.write_unsynced(&LogOp::Purge(log_id)).map_err(io_err)?;
         inner.replay(LogOp::Purge(log_id));
         inner.maybe_rewrite().map_err(io_err)?;
         Ok(())
@@ -321,7 +365,7 @@ mod tests {
             let inner = store.inner.clone();
             let mut inner = inner.lock();
             for i in 1..=10 {
-                inner.write(&LogOp::Append(vec![entry(1, i)])).unwrap();
+                inner.write_unsynced(&LogOp::Append(vec![entry(1, i)])).unwrap();
                 inner.replay(LogOp::Append(vec![entry(1, i)]));
             }
             drop(inner);

@@ -15,7 +15,7 @@ use leasehold::proto::lease_service_client::LeaseServiceClient;
 use leasehold::proto::{self, ClusterStatusResponse};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::support::{acquire_req, admin_over, binary, grant, run_cli, ServerProcess};
+use crate::support::{acquire_req, admin_over, binary, run_cli, ServerProcess};
 
 /// A port that was free a moment ago (the nodes must know each other's
 /// addresses before they start).
@@ -154,6 +154,23 @@ async fn converged(urls: &[String], among: &[usize], at_least: u64, within: Dura
             "nodes {among:?} did not converge past {at_least} within {within:?}: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An Acquire that must be granted; UNAVAILABLE (an election under way:
+/// this machine's load can cost a leader its heartbeats) is retried for up
+/// to 5 s, as the client library does.
+async fn grant(c: &mut LeaseServiceClient<Channel>, req: proto::AcquireRequest) -> proto::Lease {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match try_acquire(c, req.clone()).await {
+            Ok(Outcome::Lease(l)) => return l,
+            Ok(other) => panic!("expected a lease on {}, got {other:?}", req.resource),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("acquire of {} failed: {s:?}", req.resource),
+        }
     }
 }
 
