@@ -5,7 +5,7 @@
 //! 1. reads the clock ([`Now`]) and draws random lease ids: the only
 //!    non-deterministic inputs, passed into the pure [`LeaseTable`];
 //! 2. under one short lock, applies the command, and hands the resulting
-//!    changes to the [`Committer`] (so the disk sees them in table order) along
+//!    changes to the committer (`commit.rs`) (so the disk sees them in table order) along
 //!    with the replies that must wait for them;
 //! 3. outside the lock, awaits durability when the reply reveals a token or
 //!    a state change, then answers.

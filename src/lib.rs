@@ -10,12 +10,12 @@
 //! - [`lease`]: validated domain types (resource, holder, lease id, token).
 //! - [`state`]: the pure lease state machine; time is an argument, no I/O.
 //! - [`store`]: the only module on the server's path that knows sled and the disk.
-//! - [`wal`]: the store's write-ahead log; one synchronous write per batch.
-//! - [`commit`]: group commit; one writer at a time, one write per batch.
+//! - `wal` (internal): the store's write-ahead log; one synchronous write per batch.
+//! - `commit` (internal): group commit; one writer at a time, one write per batch.
 //! - [`clock`]: the time the coordinator is handed (Tokio's, so tests can pause it).
 //! - [`coordinator`]: state machine + store + clock; waiters and expiry timer.
-//! - [`service`]: the gRPC edge; errors become statuses here.
-//! - [`admin`]: the operator API (list, revoke, watch, history, stats).
+//! - `service` (internal): the gRPC edge; errors become statuses here.
+//! - `admin` (internal): the operator API (list, revoke, watch, history, stats).
 //! - [`auth`]: the admin bearer token, checked in constant time.
 //! - [`tls`]: PEM files into rustls configurations, for server and clients.
 //! - [`server`]: wires the services, health and reflection; graceful shutdown.
@@ -70,21 +70,21 @@
 //! # Ok(()) }
 //! ```
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod clock;
-pub mod commit;
+pub(crate) mod commit;
 pub mod coordinator;
 pub mod lease;
 pub mod raft;
 pub mod server;
-pub mod service;
+pub(crate) mod service;
 pub mod state;
 pub mod store;
 pub mod tls;
-pub mod wal;
+pub(crate) mod wal;
 
 /// Generated gRPC types for `leasehold.v1`.
 #[allow(missing_docs, clippy::all)]

@@ -2,7 +2,7 @@
 //!
 //! A data directory holds three things:
 //!
-//! - `wal/`: the write-ahead log ([`crate::wal`]). Every batch of changes is
+//! - `wal/`: the write-ahead log (`wal.rs`). Every batch of changes is
 //!   written there as one record, synchronously (`O_DIRECT | O_DSYNC`),
 //!   before any of it is answered.
 //! - `db/`: a sled database with one tree, the checkpointed table. Keys
@@ -31,7 +31,7 @@
 //! (`flush()` alone does not reach the device; see shared FACTS), and only
 //! then deletes the log segments the checkpoint covers. So sled is off the
 //! request path. A start-up opens sled, replays what is left of the log
-//! over it (idempotent, see [`crate::wal`]) and checkpoints; so does a
+//! over it (idempotent, see `wal.rs`) and checkpoints; so does a
 //! graceful [`Store::close`].
 //!
 //! The reservation is separate from the log so that one `fdatasync` covers

@@ -58,6 +58,35 @@ async fn keepalive_renews_the_same_lease_across_a_server_restart() {
     assert!(!describe(&mut direct, "r").await.held);
 }
 
+/// Every lease of a client is renewed over one KeepAlive stream, also
+/// leases released and taken again meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keepalive_stream_renews_every_lease_of_a_client() {
+    let server = TestServer::start().await;
+    let client = Client::connect(server.url()).unwrap();
+    let mut leases = Vec::new();
+    for i in 0..8 {
+        let lease = client
+            .acquire(format!("r{i}"))
+            .ttl(Duration::from_millis(300))
+            .await
+            .unwrap();
+        leases.push(lease);
+    }
+    // One released early: the others go on over the same stream.
+    assert!(leases.remove(0).release().await.unwrap());
+    // Three TTLs: every lease needed several renewals to live this long.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let mut direct = server.client().await;
+    for lease in &leases {
+        assert!(lease.is_valid(), "{} was lost", lease.resource());
+        let d = describe(&mut direct, lease.resource()).await;
+        assert!(d.held && d.token == lease.token(), "{d:?}");
+    }
+    assert!(!describe(&mut direct, "r0").await.held);
+    assert_eq!(client.keepalive_streams_opened(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_makes_lost_fire_before_anyone_else_can_acquire() {
     let dir = tempfile::tempdir().unwrap();

@@ -2,6 +2,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use rand::Rng;
@@ -9,6 +10,7 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use crate::keepalive::KeepAlives;
 use crate::lease::Lease;
 use crate::proto::{self, acquire_response::Outcome, lease_service_client::LeaseServiceClient};
 use crate::retry::{default_holder, retry};
@@ -49,6 +51,9 @@ impl Default for ClientConfig {
 pub struct Client {
     pub(crate) rpc: LeaseServiceClient<Channel>,
     pub(crate) config: ClientConfig,
+    /// The one KeepAlive stream's task, started with the first lease and
+    /// shared by every clone.
+    keepalives: Arc<OnceLock<KeepAlives>>,
 }
 
 impl Client {
@@ -81,13 +86,27 @@ impl Client {
         Client {
             rpc: LeaseServiceClient::new(channel),
             config: ClientConfig::default(),
+            keepalives: Arc::default(),
         }
     }
 
     /// Replaces the settings.
     pub fn with_config(mut self, config: ClientConfig) -> Self {
         self.config = config;
+        // The keepalive task runs with the settings it started with.
+        self.keepalives = Arc::default();
         self
+    }
+
+    /// KeepAlive streams this client (and its clones) opened so far: one
+    /// for all of its leases, plus one per reconnect. For diagnostics.
+    pub fn keepalive_streams_opened(&self) -> u64 {
+        self.keepalives.get().map_or(0, KeepAlives::streams_opened)
+    }
+
+    pub(crate) fn keepalives(&self) -> &KeepAlives {
+        self.keepalives
+            .get_or_init(|| KeepAlives::start(self.rpc.clone(), self.config.clone()))
     }
 
     /// The settings.

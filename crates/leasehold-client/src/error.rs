@@ -39,7 +39,7 @@ pub enum AcquireError {
     Client(#[from] ClientError),
 }
 
-/// Why [`Client::with_lease`] did not return the work's result.
+/// Why [`Client::with_lease`](crate::Client::with_lease) did not return the work's result.
 #[derive(Debug, thiserror::Error)]
 pub enum WithLeaseError {
     /// The lease could not be acquired.

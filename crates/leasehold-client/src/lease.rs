@@ -1,34 +1,32 @@
-//! A held lease: its background keepalive and its conservative validity.
+//! A held lease and its conservative validity; [`crate::keepalive`] renews it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use leasehold_fence::{Fence, FenceError};
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::Backoff;
 use crate::{proto, Client, ClientError, LostReason};
 
 /// What the keepalive task and the handles share.
-struct LeaseState {
-    resource: String,
-    lease_id: String,
-    token: u64,
-    holder: String,
-    ttl: Duration,
+pub(crate) struct LeaseState {
+    pub(crate) resource: String,
+    pub(crate) lease_id: String,
+    pub(crate) token: u64,
+    pub(crate) holder: String,
+    pub(crate) ttl: Duration,
     /// Until when the holder may act: send time of the last confirmed
     /// request + time left the server reported − the safety margin.
-    valid_until: Mutex<Instant>,
-    lost: watch::Sender<Option<LostReason>>,
-    stop: CancellationToken,
+    pub(crate) valid_until: Mutex<Instant>,
+    pub(crate) lost: watch::Sender<Option<LostReason>>,
+    pub(crate) stop: CancellationToken,
 }
 
 impl LeaseState {
-    fn confirm(&self, sent_at: Instant, expires_in: Duration, margin: Duration) {
+    pub(crate) fn confirm(&self, sent_at: Instant, expires_in: Duration, margin: Duration) {
         let until = sent_at + expires_in.saturating_sub(margin);
         let mut valid = self.valid_until.lock();
         if until > *valid {
@@ -36,7 +34,7 @@ impl LeaseState {
         }
     }
 
-    fn lose(&self, reason: LostReason) {
+    pub(crate) fn lose(&self, reason: LostReason) {
         self.lost.send_if_modified(|state| {
             if state.is_none() {
                 *state = Some(reason);
@@ -137,7 +135,7 @@ impl Lease {
         let every = renew_every
             .unwrap_or(ttl / 3)
             .max(Duration::from_millis(10));
-        tokio::spawn(keep_alive(client.clone(), shared.clone(), every, margin));
+        client.keepalives().add(shared.clone(), every, margin);
         Lease {
             shared,
             client,
@@ -249,82 +247,15 @@ impl Drop for Lease {
     }
 }
 
-/// Renews `shared` every `every` over a KeepAlive stream, re-opening the
-/// stream after errors, until stopped or lost.
-#[tracing::instrument(name = "keepalive", skip_all, fields(resource = %shared.resource, token = shared.token))]
-async fn keep_alive(client: Client, shared: Arc<LeaseState>, every: Duration, margin: Duration) {
-    let mut backoff = Backoff::new(&client.config);
-    loop {
-        // The watchdog: whatever happens to the stream, the lease is lost
-        // once its validity runs out without a confirmed renewal.
-        let (tx, rx) = mpsc::channel(1);
-        let mut rpc = client.rpc.clone();
-        let opened = tokio::select! {
-            r = rpc.keep_alive(ReceiverStream::new(rx)) => Some(r),
-            _ = sleep_until_invalid(&shared) => None,
-            _ = shared.stop.cancelled() => return,
-        };
-        let mut inbound = match opened {
-            None => return shared.lose(LostReason::TimedOut),
-            Some(Ok(resp)) => resp.into_inner(),
-            Some(Err(status)) => {
-                tracing::debug!(code = ?status.code(), "could not open the keepalive stream");
-                let until = *shared.valid_until.lock();
-                if !backoff.sleep_before(until).await {
-                    wait_for_end(&shared).await;
-                    return shared.lose(LostReason::TimedOut);
-                }
-                continue;
-            }
-        };
-        let mut next = Instant::now();
-        let mut pending: Option<Instant> = None;
+impl LeaseState {
+    /// Resolves once the validity has run out without a later confirmation.
+    pub(crate) async fn sleep_until_invalid(&self) {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(next), if pending.is_none() => {
-                    let req = proto::KeepAliveRequest { lease_id: shared.lease_id.clone(), token: shared.token };
-                    pending = Some(Instant::now());
-                    if tx.send(req).await.is_err() {
-                        break;
-                    }
-                }
-                msg = inbound.message() => match msg {
-                    Ok(Some(resp)) => {
-                        let Some(sent_at) = pending.take() else { continue };
-                        if !resp.alive {
-                            return shared.lose(LostReason::Gone);
-                        }
-                        shared.confirm(sent_at, Duration::from_millis(resp.expires_in_ms), margin);
-                        backoff = Backoff::new(&client.config);
-                        next = sent_at + every;
-                    }
-                    Ok(None) | Err(_) => break, // re-open the stream
-                },
-                _ = sleep_until_invalid(&shared) => return shared.lose(LostReason::TimedOut),
-                _ = shared.stop.cancelled() => return,
+            let until = *self.valid_until.lock();
+            tokio::time::sleep_until(until).await;
+            if *self.valid_until.lock() <= Instant::now() {
+                return;
             }
         }
-        let until = *shared.valid_until.lock();
-        if !backoff.sleep_before(until).await {
-            wait_for_end(&shared).await;
-            return shared.lose(LostReason::TimedOut);
-        }
-    }
-}
-
-async fn sleep_until_invalid(shared: &LeaseState) {
-    loop {
-        let until = *shared.valid_until.lock();
-        tokio::time::sleep_until(until).await;
-        if *shared.valid_until.lock() <= Instant::now() {
-            return;
-        }
-    }
-}
-
-async fn wait_for_end(shared: &LeaseState) {
-    tokio::select! {
-        _ = sleep_until_invalid(shared) => {}
-        _ = shared.stop.cancelled() => {}
     }
 }

@@ -3,16 +3,17 @@
 //! Lock users get hurt in three places: retried grants (a lost reply, a
 //! retry, two leases), lost keepalives (the lease quietly ends while the
 //! worker keeps writing), and pauses (a GC or a stalled VM outlives the
-//! lease). This module handles all three by default:
+//! lease). This crate handles all three by default:
 //!
 //! - **Safe retries.** Each logical acquire draws one random `request_id`
 //!   and sends it on every retry, so the coordinator returns the same lease
 //!   instead of granting a second one. Transport errors and `UNAVAILABLE`
 //!   are retried with exponential backoff and full jitter until a deadline;
 //!   refusals such as `INVALID_ARGUMENT` are not.
-//! - **Keepalive.** A [`Lease`] renews itself in the background over a
-//!   `KeepAlive` stream (every TTL/3 by default), re-opening the stream after
-//!   a transport error and renewing the same lease.
+//! - **Keepalive.** A [`Lease`] renews itself in the background (every
+//!   TTL/3 by default) over the one `KeepAlive` stream its [`Client`] keeps
+//!   for all of its leases, re-opening the stream after a transport error
+//!   and renewing the same leases.
 //! - **Conservative validity.** Validity is measured from the moment the
 //!   confirmed request was *sent*, not when its reply arrived, using the time
 //!   left the server reported, minus a safety margin for clock-rate drift
@@ -52,9 +53,15 @@
 //!     })
 //!     .await?;
 //! # let _ = rows; Ok(()) }
+//! ```
+//!
+//! The example is `no_run` because it needs a coordinator; the
+//! coordinator's crate docs and `examples/worker.rs` run the same calls
+//! against a real one.
 
 mod client;
 mod error;
+mod keepalive;
 mod lease;
 mod retry;
 mod session;

@@ -204,7 +204,7 @@ impl From<FenceError> for Status {
 /// The resource and fencing token a write is fenced by.
 ///
 /// The fields are public for reading and destructuring; values built by hand
-/// are validated when they are attached ([`Fence::attach_to`]) or received.
+/// are validated when they are attached (`Fence::attach_to`) or received.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fence {
     /// The leased resource; the guard keeps one high-water mark per resource.

@@ -102,7 +102,7 @@ impl GroupFlusher {
     /// Starts the flusher thread for `db`: each flush is sled's `flush()`
     /// (survives `kill -9`, not a power cut; see [`GroupFlusher::start_synced`]).
     pub fn start(db: sled::Db) -> std::io::Result<Self> {
-        Self::spawn(db, None)
+        Self::spawn(db, None, None)
     }
 
     /// Starts the flusher thread for `db`, opened from the directory `dir`:
@@ -111,16 +111,33 @@ impl GroupFlusher {
     /// acknowledges survives a power cut or a kernel crash.
     pub fn start_synced(db: sled::Db, dir: impl AsRef<Path>) -> std::io::Result<Self> {
         let log = File::open(dir.as_ref().join("db"))?;
-        Self::spawn(db, Some(log))
+        Self::spawn(db, Some(log), None)
     }
 
-    fn spawn(db: sled::Db, log: Option<File>) -> std::io::Result<Self> {
+    /// [`GroupFlusher::start_synced`], calling `on_synced` after each sync
+    /// and before its waiters are answered: the tests' model of a power cut
+    /// copies the database there (what the device is known to hold).
+    #[cfg(test)]
+    pub(crate) fn start_synced_observed(
+        db: sled::Db,
+        dir: impl AsRef<Path>,
+        on_synced: impl Fn() + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let log = File::open(dir.as_ref().join("db"))?;
+        Self::spawn(db, Some(log), Some(Box::new(on_synced)))
+    }
+
+    fn spawn(
+        db: sled::Db,
+        log: Option<File>,
+        on_synced: Option<OnSynced>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let flushes = Arc::new(AtomicU64::new(0));
         let counter = flushes.clone();
         let thread = std::thread::Builder::new()
             .name("leasehold-flush".into())
-            .spawn(move || run_flusher(db, log, rx, &counter))?;
+            .spawn(move || run_flusher(db, log, on_synced, rx, &counter))?;
         Ok(GroupFlusher {
             inner: Arc::new(FlusherInner {
                 tx: Mutex::new(Some(tx)),
@@ -167,7 +184,15 @@ impl GroupFlusher {
     }
 }
 
-fn run_flusher(db: sled::Db, log: Option<File>, rx: mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
+type OnSynced = Box<dyn Fn() + Send>;
+
+fn run_flusher(
+    db: sled::Db,
+    log: Option<File>,
+    on_synced: Option<OnSynced>,
+    rx: mpsc::Receiver<Waiter>,
+    flushes: &AtomicU64,
+) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -177,6 +202,9 @@ fn run_flusher(db: sled::Db, log: Option<File>, rx: mpsc::Receiver<Waiter>, flus
         let result = flush_once(&db, log.as_ref()).inspect_err(|e| {
             tracing::error!(error = %e, waiters = batch.len(), "sled flush failed");
         });
+        if let (Ok(()), Some(observe)) = (&result, &on_synced) {
+            observe();
+        }
         for waiter in batch.drain(..) {
             waiter.complete(result.clone());
         }

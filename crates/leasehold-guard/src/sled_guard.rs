@@ -70,8 +70,8 @@ fn decode_mark(value: Option<&[u8]>) -> Result<Option<u64>, usize> {
 /// | transactional | [`write`](SledGuard::write), [`write_durable`](SledGuard::write_durable), [`write_many`](SledGuard::write_many) | p50 ≈ 10 µs; one transaction at a time in the whole process | mark and data (over any number of trees) together or not at all |
 ///
 /// Use the fast path unless several writes must survive a crash together;
-/// see the [module docs](self#atomic-with-the-write) for the reasoning and
-/// [Durability](self#durability-sledguard) for what `kill -9` and power loss
+/// see the [module docs](crate#atomic-with-the-write) for the reasoning and
+/// [Durability](crate#durability-sledguard) for what `kill -9` and power loss
 /// leave behind.
 ///
 /// Cheap to clone (sled trees and the flusher are shared handles).
@@ -171,7 +171,7 @@ impl SledGuard {
     /// The order is what makes a crash safe without a transaction: the mark's
     /// insert has returned before `f`'s writes begin, so it comes earlier in
     /// sled's log, and sled recovers a prefix of its log. See the
-    /// [module docs](self#atomic-with-the-write).
+    /// [module docs](crate#atomic-with-the-write).
     fn fenced<T, E>(
         &self,
         resource: &str,
@@ -284,7 +284,7 @@ impl SledGuard {
 
     /// Checks `token` against the mark and records it, with no data write:
     /// for callers whose write happens elsewhere. Mind the window between
-    /// this check and that write (see the [module docs](self)).
+    /// this check and that write (see the [crate docs](crate)).
     pub fn check_and_record(&self, resource: &str, token: u64) -> Result<Admitted, GuardError> {
         self.fenced(resource, token, || Ok(()))
             .map(|((), admitted)| admitted)
