@@ -369,7 +369,11 @@ impl Coordinator {
         for (_, tx) in waiters {
             let _ = tx.send(Err(CoordinatorError::NotLeader { leader: None }));
         }
-        tracing::info!(epoch, leases, "leading: table rebuilt from the replicated state");
+        tracing::info!(
+            epoch,
+            leases,
+            "leading: table rebuilt from the replicated state"
+        );
     }
 
     /// In a cluster, when this node stops leading (or doubts a write of its

@@ -193,7 +193,9 @@ pub async fn serve_node(
     );
     // A single node serves the services as they are; a cluster node
     // forwards them to the leader and adds the cluster's own services.
-    let cluster = node.clone().map(|node| ClusterServices::new(node, max_bytes));
+    let cluster = node
+        .clone()
+        .map(|node| ClusterServices::new(node, max_bytes));
     let (lease_service, admin_service, cluster) = match cluster {
         None => (Some(lease_service), Some(admin_service), None),
         Some(mut c) => {

@@ -58,7 +58,10 @@ impl ConnectArgs {
 
     /// The URLs of `--server`, a comma-separated list for a cluster.
     pub fn servers(&self) -> impl Iterator<Item = &str> {
-        self.server.split(',').map(str::trim).filter(|s| !s.is_empty())
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
     }
 
     fn endpoint_for(&self, server: &str) -> anyhow::Result<Endpoint> {

@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
@@ -331,7 +333,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         // A purge lost in a crash only keeps entries a snapshot covers.
         let mut inner = self.inner.lock();
-        inner.write_unsynced(&LogOp::Purge(log_id)).map_err(io_err)?;
+        inner
+            .write_unsynced(&LogOp::Purge(log_id))
+            .map_err(io_err)?;
         inner.replay(LogOp::Purge(log_id));
         inner.maybe_rewrite().map_err(io_err)?;
         Ok(())
@@ -362,19 +366,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut store = LogStore::open(dir.path()).unwrap();
-            let inner = store.inner.clone();
-            let mut inner = inner.lock();
             for i in 1..=10 {
-                inner.write_unsynced(&LogOp::Append(vec![entry(1, i)])).unwrap();
+                let mut inner = store.inner.lock();
+                inner
+                    .write_unsynced(&LogOp::Append(vec![entry(1, i)]))
+                    .unwrap();
                 inner.replay(LogOp::Append(vec![entry(1, i)]));
             }
-            drop(inner);
-            store.truncate(LogId::new(CommittedLeaderId::new(1, 1), 8)).await.unwrap();
-            store.purge(LogId::new(CommittedLeaderId::new(1, 1), 3)).await.unwrap();
             store
-                .save_vote(&Vote::new(2, 3))
+                .truncate(LogId::new(CommittedLeaderId::new(1, 1), 8))
                 .await
                 .unwrap();
+            store
+                .purge(LogId::new(CommittedLeaderId::new(1, 1), 3))
+                .await
+                .unwrap();
+            store.save_vote(&Vote::new(2, 3)).await.unwrap();
         }
         // A torn record at the end.
         let path = dir.path().join("raft-log");
@@ -388,6 +395,9 @@ mod tests {
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
         assert_eq!(state.last_log_id.map(|l| l.index), Some(7));
         let got = store.try_get_log_entries(5..7).await.unwrap();
-        assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5, 6]);
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
     }
 }

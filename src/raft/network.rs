@@ -14,8 +14,8 @@ use std::time::Duration;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use parking_lot::Mutex;
@@ -61,7 +61,9 @@ impl Channels {
             }
         }
         let channel = endpoint.connect_lazy();
-        self.channels.lock().insert(addr.to_owned(), channel.clone());
+        self.channels
+            .lock()
+            .insert(addr.to_owned(), channel.clone());
         Ok(channel)
     }
 }

@@ -91,7 +91,9 @@ impl Default for ClusterConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     /// The Raft log or snapshot could not be opened.
-    #[error("the Raft data in {path} could not be opened: {source}; check the disk and permissions")]
+    #[error(
+        "the Raft data in {path} could not be opened: {source}; check the disk and permissions"
+    )]
     Storage {
         /// The directory.
         path: std::path::PathBuf,
@@ -115,10 +117,13 @@ struct Log {
     commit_timeout: Duration,
 }
 
+/// One leadership check's outcome, for every caller that joined it.
+type Round = watch::Sender<Option<Result<(), String>>>;
+
 /// Shares one leadership check among the callers that arrived before it started.
 #[derive(Default)]
 struct Linearizer {
-    next: Mutex<Option<watch::Sender<Option<Result<(), String>>>>>,
+    next: Mutex<Option<Round>>,
     wake: Notify,
 }
 
@@ -654,7 +659,9 @@ pub async fn report_health(
             if known {
                 health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
             } else {
-                health.set_not_serving::<LeaseServiceServer<LeaseApi>>().await;
+                health
+                    .set_not_serving::<LeaseServiceServer<LeaseApi>>()
+                    .await;
             }
             serving = Some(known);
         }

@@ -341,15 +341,71 @@ mod tests {
         let cases: Vec<(u64, Request, &str, Vec<&str>, u64)> = vec![
             // (index, request, response, live resources, last token)
             (1, Request::Promote { node: 1 }, "Promoted", vec![], 0),
-            (2, changes(1, vec![WireChange::Granted(record("a", 1, 1))]), "Applied", vec!["a"], 1),
-            (3, changes(1, vec![WireChange::Granted(record("b", 2, 2))]), "Applied", vec!["a", "b"], 2),
-            (4, Request::Promote { node: 2 }, "Promoted", vec!["a", "b"], 2),
+            (
+                2,
+                changes(1, vec![WireChange::Granted(record("a", 1, 1))]),
+                "Applied",
+                vec!["a"],
+                1,
+            ),
+            (
+                3,
+                changes(1, vec![WireChange::Granted(record("b", 2, 2))]),
+                "Applied",
+                vec!["a", "b"],
+                2,
+            ),
+            (
+                4,
+                Request::Promote { node: 2 },
+                "Promoted",
+                vec!["a", "b"],
+                2,
+            ),
             // A deposed leader's change (epoch 1) is ignored.
-            (5, changes(1, vec![WireChange::Granted(record("c", 3, 3))]), "Stale", vec!["a", "b"], 2),
+            (
+                5,
+                changes(1, vec![WireChange::Granted(record("c", 3, 3))]),
+                "Stale",
+                vec!["a", "b"],
+                2,
+            ),
             // Ending a lease by another id does nothing; by its own id, it ends.
-            (6, changes(4, vec![WireChange::Ended { record: record("a", 9, 9), how: 0, at_unix_ms: 0 }]), "Applied", vec!["a", "b"], 2),
-            (7, changes(4, vec![WireChange::Ended { record: record("a", 1, 1), how: 1, at_unix_ms: 0 }]), "Applied", vec!["b"], 2),
-            (8, changes(4, vec![WireChange::Granted(record("a", 3, 4))]), "Applied", vec!["a", "b"], 3),
+            (
+                6,
+                changes(
+                    4,
+                    vec![WireChange::Ended {
+                        record: record("a", 9, 9),
+                        how: 0,
+                        at_unix_ms: 0,
+                    }],
+                ),
+                "Applied",
+                vec!["a", "b"],
+                2,
+            ),
+            (
+                7,
+                changes(
+                    4,
+                    vec![WireChange::Ended {
+                        record: record("a", 1, 1),
+                        how: 1,
+                        at_unix_ms: 0,
+                    }],
+                ),
+                "Applied",
+                vec!["b"],
+                2,
+            ),
+            (
+                8,
+                changes(4, vec![WireChange::Granted(record("a", 3, 4))]),
+                "Applied",
+                vec!["a", "b"],
+                3,
+            ),
         ];
         for (index, request, want, live, last_token) in cases {
             let got = s.apply(index, &request);

@@ -106,7 +106,10 @@ impl Cluster {
                     return i;
                 }
             }
-            assert!(Instant::now() < deadline, "no leader among {among:?} within {within:?}");
+            assert!(
+                Instant::now() < deadline,
+                "no leader among {among:?} within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -142,7 +145,11 @@ async fn converged(urls: &[String], among: &[usize], at_least: u64, within: Dura
     loop {
         let mut seen = Vec::new();
         for &i in among {
-            seen.push(status(&urls[i]).await.map(|s| (s.last_log_index, s.applied_index)));
+            seen.push(
+                status(&urls[i])
+                    .await
+                    .map(|s| (s.last_log_index, s.applied_index)),
+            );
         }
         if let Some(Some((last, applied))) = seen.first().copied() {
             if applied >= at_least && seen.iter().all(|s| *s == Some((last, applied))) {
@@ -225,7 +232,12 @@ async fn the_leader_killed_under_load_loses_nothing() {
     let check = tonic_health::pb::HealthCheckRequest {
         service: "leasehold.v1.LeaseService".into(),
     };
-    let serving = health.check(check).await.expect("health").into_inner().status;
+    let serving = health
+        .check(check)
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
     assert_eq!(serving, 1, "not SERVING");
 
     // Acknowledged grants: (when, worker, resource, token).
@@ -268,21 +280,36 @@ async fn the_leader_killed_under_load_loses_nothing() {
         w.await.expect("worker");
     }
     let acks = acks.lock().clone();
-    let before: Vec<u64> = acks.iter().filter(|a| a.0 < killed_at).map(|a| a.3).collect();
+    let before: Vec<u64> = acks
+        .iter()
+        .filter(|a| a.0 < killed_at)
+        .map(|a| a.3)
+        .collect();
     let after: Vec<&(Instant, usize, String, u64)> =
         acks.iter().filter(|a| a.0 >= killed_at).collect();
-    assert!(!before.is_empty() && !after.is_empty(), "{} before, {} after", before.len(), after.len());
+    assert!(
+        !before.is_empty() && !after.is_empty(),
+        "{} before, {} after",
+        before.len(),
+        after.len()
+    );
 
     // A survivor grants again within 2 s.
     let regained = after.iter().map(|a| a.0).min().expect("a grant after") - killed_at;
-    eprintln!("first grant {regained:?} after kill -9 of the leader; {} grants in all", acks.len());
+    eprintln!(
+        "first grant {regained:?} after kill -9 of the leader; {} grants in all",
+        acks.len()
+    );
     assert!(regained <= Duration::from_secs(2), "took {regained:?}");
 
     // Tokens strictly increase (per worker, whose calls are sequential),
     // across the leader change too, and no token is handed out twice.
     for w in 0..6 {
         let tokens: Vec<u64> = acks.iter().filter(|a| a.1 == w).map(|a| a.3).collect();
-        assert!(tokens.windows(2).all(|p| p[0] < p[1]), "worker {w}: {tokens:?}");
+        assert!(
+            tokens.windows(2).all(|p| p[0] < p[1]),
+            "worker {w}: {tokens:?}"
+        );
     }
     let mut all: Vec<u64> = acks.iter().map(|a| a.3).collect();
     all.push(first.token);
@@ -297,14 +324,23 @@ async fn the_leader_killed_under_load_loses_nothing() {
     for (_, _, resource, token) in &acks {
         assert_eq!(live.get(resource), Some(token), "{resource} lost");
     }
-    assert_eq!(list(&c.urls[survivor], "via/").await.get("via/follower"), Some(&first.token));
+    assert_eq!(
+        list(&c.urls[survivor], "via/").await.get("via/follower"),
+        Some(&first.token)
+    );
 
     // The killed node rejoins and catches up.
-    let last = status(&c.urls[survivor]).await.expect("status").last_log_index;
+    let last = status(&c.urls[survivor])
+        .await
+        .expect("status")
+        .last_log_index;
     c.spawn(leader);
     converged(&c.urls, &[0, 1, 2], last, Duration::from_secs(10)).await;
     let back = status(&c.urls[leader]).await.expect("status");
-    assert!(back.leader_id != 0 && back.leader_id != (leader + 1) as u64, "{back:?}");
+    assert!(
+        back.leader_id != 0 && back.leader_id != (leader + 1) as u64,
+        "{back:?}"
+    );
 }
 
 /// SIGSTOP the leader past the election timeout while a lease is held
@@ -314,13 +350,24 @@ async fn the_leader_killed_under_load_loses_nothing() {
 /// old leader renews nothing and grants nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
-    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let flags = [
+        "--election-timeout",
+        "300ms",
+        "--heartbeat",
+        "50ms",
+        "--commit-timeout",
+        "1s",
+    ];
     let mut c = Cluster::start(3, &flags).await;
     let old = c.leader(Duration::from_secs(5)).await;
     let mut direct = lease_client(&c.urls[old]);
     let ttl = Duration::from_millis(2000);
     let sent = Instant::now();
-    let held = grant(&mut direct, acquire_req("paused/r", "old", ttl.as_millis() as u64)).await;
+    let held = grant(
+        &mut direct,
+        acquire_req("paused/r", "old", ttl.as_millis() as u64),
+    )
+    .await;
 
     c.node(old).signal("STOP");
     let stopped = Instant::now();
@@ -345,7 +392,11 @@ async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     let (granted_at, taken) = taken;
-    assert!(granted_at >= sent + ttl, "granted {:?} after the first grant was asked", granted_at - sent);
+    assert!(
+        granted_at >= sent + ttl,
+        "granted {:?} after the first grant was asked",
+        granted_at - sent
+    );
     // Bound: TTL counted from the new leader's promotion, which comes at
     // most 3 T (T = 300 ms) after the last heartbeat, plus a takeover.
     let bound = ttl + Duration::from_millis(3 * 300 + 600);
@@ -375,7 +426,10 @@ async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(answered > 0, "the resumed node never answered (it should forward)");
+    assert!(
+        answered > 0,
+        "the resumed node never answered (it should forward)"
+    );
 }
 
 /// A directed link between two nodes that the test can cut.
@@ -387,7 +441,9 @@ struct Link {
 
 impl Link {
     async fn start(target: SocketAddr) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let up = Arc::new(AtomicBool::new(true));
         let (cut, _) = tokio::sync::watch::channel(0u64);
@@ -432,7 +488,10 @@ impl Link {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let urls: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
     // links[i][j]: node i's way to node j.
     let mut links: Vec<Vec<Option<Link>>> = Vec::new();
     let mut peers = Vec::new();
@@ -453,7 +512,14 @@ async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
         links.push(row);
         peers.push(list.join(","));
     }
-    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let flags = [
+        "--election-timeout",
+        "300ms",
+        "--heartbeat",
+        "50ms",
+        "--commit-timeout",
+        "1s",
+    ];
     let c = Cluster::start_with(urls.clone(), peers, &flags);
     let old = c.leader(Duration::from_secs(5)).await;
     let mut direct = lease_client(&urls[old]);
@@ -540,7 +606,17 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
             dir4.to_str().expect("utf-8"),
         ],
     );
-    let add = run_cli(&["cluster", "add", &format!("4={url4}"), "--server", &c.urls[(leader + 1) % 3]], &[]).await;
+    let add = run_cli(
+        &[
+            "cluster",
+            "add",
+            &format!("4={url4}"),
+            "--server",
+            &c.urls[(leader + 1) % 3],
+        ],
+        &[],
+    )
+    .await;
     assert_eq!(add.code, 0, "{}", add.stderr);
     assert!(add.stdout.contains("voters [1, 2, 3, 4]"), "{}", add.stdout);
     let shown = run_cli(&["cluster", "status", "--json", "--server", &url], &[]).await;
@@ -552,10 +628,16 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
 
     let remove = run_cli(&["cluster", "remove", "4", "--server", &url], &[]).await;
     assert_eq!(remove.code, 0, "{}", remove.stderr);
-    assert!(remove.stdout.contains("voters [1, 2, 3]"), "{}", remove.stdout);
+    assert!(
+        remove.stdout.contains("voters [1, 2, 3]"),
+        "{}",
+        remove.stdout
+    );
 
     stop.store(true, Ordering::SeqCst);
-    let granted = load.await.expect("every grant succeeded during the membership changes");
+    let granted = load
+        .await
+        .expect("every grant succeeded during the membership changes");
     assert!(granted > 0);
 
     // A follower down while the log grows past several snapshots (and is
@@ -569,7 +651,13 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
     let leader_status = status(&url).await.expect("status");
     assert!(leader_status.snapshot_index > 0, "{leader_status:?}");
     c.spawn(down);
-    converged(&c.urls, &[0, 1, 2], leader_status.last_log_index, Duration::from_secs(15)).await;
+    converged(
+        &c.urls,
+        &[0, 1, 2],
+        leader_status.last_log_index,
+        Duration::from_secs(15),
+    )
+    .await;
     let back = status(&c.urls[down]).await.expect("status");
     assert!(back.snapshot_index > 0, "{back:?}");
 }
