@@ -661,3 +661,48 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
     let back = status(&c.urls[down]).await.expect("status");
     assert!(back.snapshot_index > 0, "{back:?}");
 }
+
+/// Bad input keeps today's answer through a follower; with two of three
+/// nodes gone, the survivor answers UNAVAILABLE within a bound instead of
+/// hanging, and SERVING turns into NOT_SERVING on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_and_a_lost_majority_keep_todays_answers() {
+    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let mut c = Cluster::start(3, &flags).await;
+    let leader = c.leader(Duration::from_secs(5)).await;
+    let follower = (leader + 1) % 3;
+    let mut via = lease_client(&c.urls[follower]);
+    let cases = [
+        (acquire_req("", "h", 1000), tonic::Code::InvalidArgument),
+        (acquire_req("r", "h", 0), tonic::Code::InvalidArgument),
+        (acquire_req("r", "", 1000), tonic::Code::InvalidArgument),
+    ];
+    for (req, want) in cases {
+        let got = try_acquire(&mut via, req.clone()).await.expect_err("refused");
+        assert_eq!(got.code(), want, "{req:?}: {got:?}");
+    }
+
+    // Two nodes gone: no majority.
+    let third = (leader + 2) % 3;
+    c.node(leader).kill9();
+    c.node(third).kill9();
+    let asked = Instant::now();
+    let got = try_acquire(&mut via, acquire_req("nomajority", "h", 1000)).await;
+    let took = asked.elapsed();
+    let status = got.expect_err("no majority, no grant");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(lazy(&c.urls[follower]));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let check = tonic_health::pb::HealthCheckRequest {
+            service: "leasehold.v1.LeaseService".into(),
+        };
+        let now = health.check(check).await.expect("health").into_inner().status;
+        if now == 2 {
+            break; // NOT_SERVING
+        }
+        assert!(Instant::now() < deadline, "still {now} with no majority");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
