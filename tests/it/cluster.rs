@@ -667,7 +667,14 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
 /// hanging, and SERVING turns into NOT_SERVING on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_and_a_lost_majority_keep_todays_answers() {
-    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms", "--commit-timeout", "1s"];
+    let flags = [
+        "--election-timeout",
+        "300ms",
+        "--heartbeat",
+        "50ms",
+        "--commit-timeout",
+        "1s",
+    ];
     let mut c = Cluster::start(3, &flags).await;
     let leader = c.leader(Duration::from_secs(5)).await;
     let follower = (leader + 1) % 3;
@@ -678,7 +685,9 @@ async fn bad_input_and_a_lost_majority_keep_todays_answers() {
         (acquire_req("r", "", 1000), tonic::Code::InvalidArgument),
     ];
     for (req, want) in cases {
-        let got = try_acquire(&mut via, req.clone()).await.expect_err("refused");
+        let got = try_acquire(&mut via, req.clone())
+            .await
+            .expect_err("refused");
         assert_eq!(got.code(), want, "{req:?}: {got:?}");
     }
 
@@ -698,11 +707,110 @@ async fn bad_input_and_a_lost_majority_keep_todays_answers() {
         let check = tonic_health::pb::HealthCheckRequest {
             service: "leasehold.v1.LeaseService".into(),
         };
-        let now = health.check(check).await.expect("health").into_inner().status;
+        let now = health
+            .check(check)
+            .await
+            .expect("health")
+            .into_inner()
+            .status;
         if now == 2 {
             break; // NOT_SERVING
         }
         assert!(Instant::now() < deadline, "still {now} with no majority");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// With mutual TLS, the nodes reach each other over TLS with their own
+/// certificates (the Raft RPCs share the port and its settings): the
+/// cluster forms and serves a client with credentials through a follower,
+/// and a caller without a client certificate cannot reach RaftService.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raft_under_mutual_tls_forms_and_refuses_strangers() {
+    let pki = crate::tls::Pki::new();
+    let path = |n: &str| pki.path(n).to_str().expect("utf-8").to_owned();
+    let urls: Vec<String> = (0..3)
+        .map(|_| format!("https://127.0.0.1:{}", free_port()))
+        .collect();
+    let all = peers_arg(&urls);
+    let (cert, key, ca) = (path("server.pem"), path("server-key.pem"), path("ca.pem"));
+    let flags = ["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &ca];
+    let mut c = Cluster {
+        dir: tempfile::tempdir().expect("temp dir"),
+        nodes: urls.iter().map(|_| None).collect(),
+        urls: urls
+            .iter()
+            .map(|u| u.replace("https://", "http://"))
+            .collect(),
+        peers: vec![all; 3],
+        extra: flags.iter().map(|s| s.to_string()).collect(),
+    };
+    for i in 0..3 {
+        c.spawn(i);
+    }
+    let (client_cert, client_key) = (path("client.pem"), path("client-key.pem"));
+    let creds = |server: &str| {
+        vec![
+            "--server".to_owned(),
+            server.to_owned(),
+            "--ca-cert".to_owned(),
+            ca.clone(),
+            "--client-cert".to_owned(),
+            client_cert.clone(),
+            "--client-key".to_owned(),
+            client_key.clone(),
+        ]
+    };
+    // Formed: some node serves (asked with the CLI, over mTLS).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = 'found: loop {
+        for (i, url) in urls.iter().enumerate() {
+            let mut args = vec![
+                "cluster".to_owned(),
+                "status".to_owned(),
+                "--json".to_owned(),
+            ];
+            args.extend(creds(url));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = run_cli(&args, &[]).await;
+            if out.code == 0 && out.stdout.contains("\"serving\":true") {
+                break 'found i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader over mTLS within 10 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = (leader + 1) % 3;
+    let mut args = vec![
+        "acquire".to_owned(),
+        "tls/r".to_owned(),
+        "--json".to_owned(),
+    ];
+    args.extend(creds(&urls[follower]));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&args, &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("\"token\":1"), "{}", out.stdout);
+
+    // No client certificate: the handshake is refused before any Raft message.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&ca).expect("ca"),
+        ))
+        .domain_name("localhost");
+    let channel = Endpoint::from_shared(urls[leader].clone())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let mut raft = leasehold::proto::raft_service_client::RaftServiceClient::new(channel);
+    let refused = raft
+        .vote(proto::RaftMessage {
+            data: b"{}".to_vec(),
+        })
+        .await
+        .expect_err("a stranger reached RaftService");
+    assert_ne!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }
