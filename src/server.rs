@@ -98,6 +98,9 @@ pub enum ServerError {
     /// The cluster node could not start.
     #[error(transparent)]
     Node(#[from] crate::raft::NodeError),
+    /// A cluster node's data directory was started without `--peers`.
+    #[error("{0} belongs to a cluster node; start it with --node-id and --peers (or --join), or use another data directory")]
+    ClusterDataDir(PathBuf),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully.
@@ -132,6 +135,11 @@ pub async fn open_node(
 /// Opens the store and restores the lease table: everything that can fail
 /// because of the data directory, before the server announces itself.
 pub fn open(config: &ServerConfig) -> Result<Coordinator, ServerError> {
+    if config.data_dir.join("raft").exists() {
+        // Its single-node store (if any) is older than the cluster's state:
+        // serving it would reuse tokens.
+        return Err(ServerError::ClusterDataDir(config.data_dir.clone()));
+    }
     Ok(Coordinator::open(
         &config.data_dir,
         config.coordinator.clone(),

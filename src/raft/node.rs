@@ -199,6 +199,9 @@ struct Shared {
     kick: Notify,
     stop: CancellationToken,
     config: ClusterConfig,
+    /// Set while the state imported from a single node's store is in no
+    /// snapshot yet: members are not added meanwhile (they would miss it).
+    import_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Where a call for LeaseService or AdminService should go.
@@ -237,9 +240,31 @@ impl Node {
             path: dir.clone(),
             source,
         };
+        // A fresh Raft directory next to a single node's store: this node
+        // starts a cluster from that store (its leases, keys and tokens).
+        let fresh = !dir.join("raft-log").exists() && !dir.join("raft-snapshot").exists();
+        let imported = if fresh && data_dir.join("db").exists() && !config.join {
+            if config.peers.len() != 1 {
+                return Err(NodeError::Raft(format!(
+                    "{} holds a single node's store: start the cluster from it with --peers naming only this node, then add the others with `leasehold cluster add`",
+                    data_dir.display()
+                )));
+            }
+            Some(import_single_node(data_dir, &coordinator)?)
+        } else {
+            None
+        };
         let log_store = LogStore::open(&dir).map_err(storage)?;
         let sm = StateMachine::open(&dir).map_err(storage)?;
         let applied = sm.applied();
+        if let Some(loaded) = &imported {
+            applied.lock().import(loaded);
+            tracing::info!(
+                leases = loaded.leases.len(),
+                last_token = loaded.last_token,
+                "starting the cluster from this node's single-node store"
+            );
+        }
         let timeout = config.election_timeout.as_millis().max(2) as u64;
         let raft_config = openraft::Config {
             cluster_name: "leasehold".into(),
@@ -291,6 +316,7 @@ impl Node {
             kick: Notify::new(),
             stop: CancellationToken::new(),
             config: config.clone(),
+            import_pending: std::sync::atomic::AtomicBool::new(imported.is_some()),
         });
         let _ = shared.coordinator.set(coordinator.clone());
         let node = Node { shared };
@@ -300,6 +326,12 @@ impl Node {
         tokio::spawn(node.clone().run_linearizer());
         tokio::spawn(node.clone().run_leadership());
 
+        if imported.is_some() {
+            // New members must receive the imported state: it is in no
+            // entry, so it reaches them only in a snapshot. Take one as soon
+            // as this node leads, and purge the log it covers.
+            tokio::spawn(node.clone().snapshot_imported());
+        }
         if !config.join {
             let members: BTreeMap<NodeId, BasicNode> = config
                 .peers
@@ -315,6 +347,36 @@ impl Node {
             }
         }
         Ok((node, coordinator))
+    }
+
+    async fn snapshot_imported(self) {
+        let raft = self.shared.raft.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline && self.coordinator().epoch().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if raft.trigger().snapshot().await.is_err() {
+            return;
+        }
+        let mut metrics = raft.metrics();
+        while Instant::now() < deadline {
+            let (snapshot, purged) = {
+                let m = metrics.borrow();
+                (m.snapshot, m.purged)
+            };
+            match (snapshot, purged) {
+                (Some(at), Some(p)) if p.index >= at.index => {
+                    tracing::info!(index = at.index, "snapshot of the imported store taken");
+                    self.shared.import_pending.store(false, Ordering::SeqCst);
+                    return;
+                }
+                (Some(at), _) => {
+                    let _ = raft.trigger().purge_log(at.index).await;
+                }
+                _ => {}
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+        }
     }
 
     /// This node's id.
@@ -611,6 +673,13 @@ impl Node {
     /// Adds `id` at `addr` as a learner, waits until it has caught up, then
     /// makes it a voter. Leader only (the cluster API forwards to it).
     pub async fn add_member(&self, id: NodeId, addr: String) -> Result<(), MembershipError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.shared.import_pending.load(Ordering::SeqCst) {
+            if Instant::now() > deadline {
+                return Err(MembershipError::ImportPending);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let raft = &self.shared.raft;
         raft.add_learner(id, BasicNode { addr }, true).await?;
         raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
@@ -639,8 +708,14 @@ impl Node {
 
 /// A membership change failed.
 #[derive(Debug, thiserror::Error)]
-#[error("the membership change failed: {0}")]
-pub struct MembershipError(#[from] RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>);
+pub enum MembershipError {
+    /// openraft refused or could not commit it.
+    #[error("the membership change failed: {0}")]
+    Raft(#[from] RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>),
+    /// The state imported from a single node is not in a snapshot yet.
+    #[error("the store this node imported is not in a snapshot yet (a new member would miss it); retry in a few seconds")]
+    ImportPending,
+}
 
 /// Keeps `grpc.health.v1` in step with the cluster: LeaseService is
 /// SERVING only while this node knows a leader. Ends on `stop`.
@@ -671,4 +746,17 @@ pub async fn report_health(
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// Reads a single node's store in `data_dir` (and closes it), for a node
+/// that starts a cluster from it.
+fn import_single_node(
+    data_dir: &Path,
+    coordinator: &Config,
+) -> Result<crate::store::Loaded, NodeError> {
+    let failed = |e: StoreError| NodeError::Raft(format!("reading the single-node store: {e}"));
+    let store = crate::store::Store::open(data_dir, coordinator.store.clone()).map_err(failed)?;
+    let loaded = store.load().map_err(failed)?;
+    store.close().map_err(failed)?;
+    Ok(loaded)
 }

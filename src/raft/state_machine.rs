@@ -118,6 +118,29 @@ impl Applied {
         }
     }
 
+    /// The state of a single node's store (`serve` without `--peers`), for
+    /// a node that starts a cluster from it.
+    pub fn import(&mut self, loaded: &Loaded) {
+        self.last_token = self.last_token.max(loaded.last_token);
+        for r in &loaded.leases {
+            self.leases
+                .insert(r.resource.as_str().to_owned(), WireRecord::from_record(r));
+        }
+        for (key, r) in &loaded.requests {
+            self.requests.insert(
+                key.as_str().to_owned(),
+                WireRequest {
+                    resource: r.resource.as_str().to_owned(),
+                    holder: r.holder.as_str().to_owned(),
+                    ttl: r.ttl,
+                    lease_id: r.lease_id.0,
+                    token: r.token.0,
+                    recorded_unix_ms: r.recorded_unix_ms,
+                },
+            );
+        }
+    }
+
     /// What a new leader rebuilds its table from (as a restart reads its store).
     pub fn to_loaded(&self) -> Loaded {
         let mut loaded = Loaded {

@@ -814,3 +814,120 @@ async fn raft_under_mutual_tls_forms_and_refuses_strangers() {
         .expect_err("a stranger reached RaftService");
     assert_ne!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
 }
+
+/// A single node that has run without `--peers` becomes the first member
+/// of a cluster: its leases and token sequence carry over, the members
+/// added later get them (in a snapshot), and they survive the first node's
+/// death. Its data directory is then refused without `--peers`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_node_grows_into_a_cluster_keeping_its_leases() {
+    let urls: Vec<String> = (0..3)
+        .map(|_| format!("http://127.0.0.1:{}", free_port()))
+        .collect();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let n1 = dir.path().join("n1");
+    let n1s = n1.to_str().expect("utf-8").to_owned();
+    let listen = |i: usize| urls[i].trim_start_matches("http://").to_owned();
+
+    // A single node grants a lease.
+    let single = ServerProcess::spawn_program(
+        &binary(),
+        &["serve", "--listen", &listen(0), "--data-dir", &n1s],
+    );
+    let mut client = lease_client(&urls[0]);
+    let old = grant(&mut client, acquire_req("grown/r", "w", 120_000)).await;
+    drop(single); // killed
+
+    // The same directory, as node 1 of a one-node cluster.
+    let own = format!("1={}", urls[0]);
+    let _node1 = ServerProcess::spawn_program(
+        &binary(),
+        &[
+            "serve",
+            "--node-id",
+            "1",
+            "--listen",
+            &listen(0),
+            "--data-dir",
+            &n1s,
+            "--peers",
+            &own,
+        ],
+    );
+    let mut others = Vec::new();
+    for i in 1..3 {
+        let d = dir.path().join(format!("n{}", i + 1));
+        let id = (i + 1).to_string();
+        others.push(ServerProcess::spawn_program(
+            &binary(),
+            &[
+                "serve",
+                "--node-id",
+                &id,
+                "--join",
+                "--listen",
+                &listen(i),
+                "--data-dir",
+                d.to_str().expect("utf-8"),
+            ],
+        ));
+    }
+    let mut client = lease_client(&urls[0]);
+    let held = match try_acquire_retrying(&mut client, acquire_req("grown/r", "x", 1000)).await {
+        Outcome::Held(h) => h,
+        Outcome::Lease(l) => panic!("the imported lease was lost: granted {l:?}"),
+    };
+    assert_eq!(held.token, old.token);
+    let fresh = grant(&mut client, acquire_req("grown/new", "w", 120_000)).await;
+    assert!(fresh.token > old.token);
+    for i in 1..3 {
+        let member = format!("{}={}", i + 1, urls[i]);
+        let out = run_cli(&["cluster", "add", &member, "--server", &urls[0]], &[]).await;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    let last = status(&urls[0]).await.expect("status").last_log_index;
+    converged(&urls, &[0, 1, 2], last, Duration::from_secs(10)).await;
+
+    // Node 1 dies: the others elect a leader that has the imported lease.
+    drop(_node1);
+    let c = Cluster {
+        dir,
+        urls: urls.clone(),
+        peers: Vec::new(),
+        nodes: vec![None, None, None],
+        extra: Vec::new(),
+    };
+    let leader = c.leader_among(&[1, 2], Duration::from_secs(5)).await;
+    let mut client = lease_client(&urls[leader]);
+    match try_acquire_retrying(&mut client, acquire_req("grown/r", "x", 1000)).await {
+        Outcome::Held(h) => assert_eq!(h.token, old.token),
+        Outcome::Lease(l) => panic!("the imported lease was lost after failover: {l:?}"),
+    }
+    let later = grant(&mut client, acquire_req("grown/later", "w", 120_000)).await;
+    assert!(later.token > fresh.token);
+
+    // Without --peers, node 1's directory is refused (its store is stale).
+    let out = tokio::process::Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", &n1s])
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("belongs to a cluster node"));
+}
+
+async fn try_acquire_retrying(
+    c: &mut LeaseServiceClient<Channel>,
+    req: proto::AcquireRequest,
+) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match try_acquire(c, req.clone()).await {
+            Ok(o) => return o,
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(s) => panic!("acquire of {} failed: {s:?}", req.resource),
+        }
+    }
+}
