@@ -711,10 +711,16 @@ impl Node {
 pub enum MembershipError {
     /// openraft refused or could not commit it.
     #[error("the membership change failed: {0}")]
-    Raft(#[from] RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>),
+    Raft(Box<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>),
     /// The state imported from a single node is not in a snapshot yet.
     #[error("the store this node imported is not in a snapshot yet (a new member would miss it); retry in a few seconds")]
     ImportPending,
+}
+
+impl From<RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> for MembershipError {
+    fn from(e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> Self {
+        MembershipError::Raft(Box::new(e))
+    }
 }
 
 /// Keeps `grpc.health.v1` in step with the cluster: LeaseService is
