@@ -83,9 +83,9 @@ pub struct ServeArgs {
     #[arg(long, requires = "node_id")]
     pub join: bool,
     /// Cluster: T, where a follower that hears nothing from the leader for
-    /// 2.5 T to 3 T starts an election (openraft's leader lease of 1.5 T,
-    /// then a random T to 1.5 T).
-    #[arg(long, default_value = "300ms", value_parser = super::parse_duration)]
+    /// 3 T to 4 T starts an election (openraft's leader lease of 2 T, then a
+    /// random T to 2 T).
+    #[arg(long, default_value = "250ms", value_parser = super::parse_duration)]
     pub election_timeout: Duration,
     /// Cluster: how often the leader sends heartbeats (at most half the election timeout).
     #[arg(long, default_value = "50ms", value_parser = super::parse_duration)]

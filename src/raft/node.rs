@@ -56,8 +56,8 @@ pub struct ClusterConfig {
     /// Wait to be added (`cluster add`) instead of forming a cluster.
     pub join: bool,
     /// `T`: a follower that hears nothing from the leader for openraft's
-    /// leader lease (1.5 T) plus a random time between T and 1.5 T starts an
-    /// election, so a dead leader is replaced 2.5 T to 3 T after its last
+    /// leader lease (2 T) plus a random time between T and 2 T starts an
+    /// election, so a dead leader is replaced 3 T to 4 T after its last
     /// heartbeat, plus one round trip to take over.
     pub election_timeout: Duration,
     /// How often the leader sends heartbeats.
@@ -78,7 +78,7 @@ impl Default for ClusterConfig {
             node_id: 1,
             peers: BTreeMap::new(),
             join: false,
-            election_timeout: Duration::from_millis(300),
+            election_timeout: Duration::from_millis(250),
             heartbeat: Duration::from_millis(50),
             commit_timeout: Duration::from_secs(3),
             snapshot_every: 20_000,
@@ -270,9 +270,10 @@ impl Node {
             cluster_name: "leasehold".into(),
             election_timeout_min: timeout,
             // openraft waits its leader lease (= the maximum) and then a
-            // random timeout in [min, max]: keep the range narrow so a
-            // dead leader is replaced within 3 T.
-            election_timeout_max: timeout + timeout / 2,
+            // random timeout in [min, max]: a dead leader is replaced within
+            // 4 T, and the range is wide enough that two candidates rarely
+            // split the vote.
+            election_timeout_max: timeout * 2,
             heartbeat_interval: (config.heartbeat.as_millis() as u64).clamp(1, timeout / 2),
             install_snapshot_timeout: 10_000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
