@@ -121,9 +121,14 @@ where
                     };
                     match answer {
                         Ok(res) => Ok(res.map(Body::new)),
-                        Err(e) => Ok(unavailable(format!(
-                            "forwarding to the leader at {addr} failed: {e}; retry"
-                        ))),
+                        Err(e) => {
+                            // Later calls wait for the next leader rather
+                            // than fail against this one again.
+                            node.leader_unreachable(&addr);
+                            Ok(unavailable(format!(
+                                "forwarding to the leader at {addr} failed: {e}; retry"
+                            )))
+                        }
                     }
                 }
                 Route::Unknown => Ok(unavailable(format!(

@@ -202,6 +202,9 @@ struct Shared {
     /// Set while the state imported from a single node's store is in no
     /// snapshot yet: members are not added meanwhile (they would miss it).
     import_pending: std::sync::atomic::AtomicBool,
+    /// A leader address a forwarded call could not reach, and when: calls
+    /// wait for the next leader instead of failing against it again.
+    unreachable: Mutex<Option<(String, Instant)>>,
 }
 
 /// Where a call for LeaseService or AdminService should go.
@@ -318,6 +321,7 @@ impl Node {
             stop: CancellationToken::new(),
             config: config.clone(),
             import_pending: std::sync::atomic::AtomicBool::new(imported.is_some()),
+            unreachable: Mutex::new(None),
         });
         let _ = shared.coordinator.set(coordinator.clone());
         let node = Node { shared };
@@ -425,7 +429,11 @@ impl Node {
                 return Route::Local;
             }
             if let Some((id, addr)) = self.leader() {
-                if id != self.shared.id {
+                let dead = matches!(
+                    &*self.shared.unreachable.lock(),
+                    Some((a, at)) if *a == addr && at.elapsed() < Duration::from_secs(5)
+                );
+                if id != self.shared.id && !dead {
                     return Route::Leader(addr);
                 }
             }
@@ -439,6 +447,12 @@ impl Node {
                 return Route::Unknown;
             }
         }
+    }
+
+    /// A forwarded call could not reach the leader at `addr` (it may have
+    /// died): for a few seconds, calls wait for another leader instead.
+    pub fn leader_unreachable(&self, addr: &str) {
+        *self.shared.unreachable.lock() = Some((addr.to_owned(), Instant::now()));
     }
 
     /// Stops the node's tasks and openraft.
