@@ -120,7 +120,10 @@ where
                         Err(e) => Err(e),
                     };
                     match answer {
-                        Ok(res) => Ok(res.map(Body::new)),
+                        Ok(res) => {
+                            node.leader_reachable(&addr);
+                            Ok(res.map(Body::new))
+                        }
                         Err(e) => {
                             // Later calls wait for the next leader rather
                             // than fail against this one again.

@@ -444,7 +444,12 @@ impl Node {
                 _ = step => {}
             }
             if Instant::now() >= deadline {
-                return Route::Unknown;
+                // Still the leader that could not be reached: it may well be
+                // alive (no election happened); try it again.
+                return match self.leader() {
+                    Some((id, addr)) if id != self.shared.id => Route::Leader(addr),
+                    _ => Route::Unknown,
+                };
             }
         }
     }
@@ -453,6 +458,14 @@ impl Node {
     /// died): for a few seconds, calls wait for another leader instead.
     pub fn leader_unreachable(&self, addr: &str) {
         *self.shared.unreachable.lock() = Some((addr.to_owned(), Instant::now()));
+    }
+
+    /// A forwarded call reached the leader at `addr`.
+    pub fn leader_reachable(&self, addr: &str) {
+        let mut unreachable = self.shared.unreachable.lock();
+        if unreachable.as_ref().is_some_and(|(a, _)| a == addr) {
+            *unreachable = None;
+        }
     }
 
     /// Stops the node's tasks and openraft.
