@@ -8,7 +8,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("leasehold_descriptor.bin"))
-        .compile_protos(&["proto/leasehold/v1/leasehold.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/leasehold/v1/leasehold.proto",
+                "proto/leasehold/v1/raft.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

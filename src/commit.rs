@@ -51,6 +51,9 @@ pub struct Job {
     pub changes: Vec<Change>,
     /// Run after the batch holding this job is durable (or failed).
     pub replies: Vec<Reply>,
+    /// In a cluster, the epoch of the table that decided the changes (see
+    /// `crate::raft`); 0 on a single node.
+    pub epoch: u64,
 }
 
 /// Most jobs written in one batch; bounds the latency of the first one.
@@ -296,6 +299,7 @@ mod tests {
                             let name = Resource::new(&resource).unwrap();
                             committer.submit(Job {
                                 changes: vec![grant(&resource, token)],
+                                epoch: 0,
                                 replies: vec![Box::new(move |d| {
                                     replies.fetch_add(1, Ordering::SeqCst);
                                     // Answered only once the grant is in the table.
@@ -324,6 +328,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         committer.submit(Job {
             changes: vec![grant("late", 9999)],
+            epoch: 0,
             replies: vec![Box::new(move |d| tx.send(d).unwrap())],
         });
         assert!(matches!(
@@ -358,6 +363,7 @@ mod tests {
             runtime.block_on(async {
                 committer.submit(Job {
                     changes: vec![grant("r", 1)],
+                    epoch: 0,
                     replies: vec![Box::new(move |_| {
                         tx.send(std::thread::current().name().map(str::to_owned))
                             .unwrap()
@@ -382,6 +388,7 @@ mod tests {
             let tx = tx.clone();
             committer.submit(Job {
                 changes: vec![grant(&format!("r{token}"), token)],
+                epoch: 0,
                 replies: vec![Box::new(move |d| tx.send(d).unwrap())],
             });
         }

@@ -65,6 +65,43 @@ pub enum CoordinatorError {
     /// The server is shutting down.
     #[error("the server is shutting down; retry against it once it is back")]
     ShuttingDown,
+    /// In a cluster: this node does not lead (or has not finished taking over).
+    #[error("this node is not the cluster's leader{}; retry against the leader (any node forwards to it once one is elected)", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader {
+        /// The leader's address, when known.
+        leader: Option<String>,
+    },
+    /// In a cluster: the call is not available there.
+    #[error("{0} is not available on a cluster node")]
+    Unsupported(&'static str),
+}
+
+/// The replicated log as the coordinator sees it (implemented by
+/// [`crate::raft::Node`]). On a single node the committer and the store
+/// take its place.
+pub trait Replicated: Send + Sync + 'static {
+    /// Queues a job (called under the coordinator's lock, so in table
+    /// order); its replies run once its changes are committed and applied
+    /// on a majority, or failed.
+    fn submit(&self, job: Job);
+    /// Resolves once this node has confirmed, after the call, that it still
+    /// leads (many callers share one confirmation).
+    fn linearize(&self) -> futures_util::future::BoxFuture<'static, Result<(), CoordinatorError>>;
+    /// Entries written so far.
+    fn batches(&self) -> u64;
+    /// The leader's address, when known (for error messages).
+    fn leader_hint(&self) -> Option<String>;
+}
+
+/// Where decided changes go.
+enum Backend {
+    /// A single node: the committer writes them to the local store.
+    Local {
+        committer: Committer,
+        store: Arc<Store>,
+    },
+    /// A cluster node: they go into the Raft log.
+    Replicated(Arc<dyn Replicated>),
 }
 
 /// What an Acquire returns.
@@ -148,12 +185,16 @@ struct Inner {
     table: LeaseTable,
     waiters: HashMap<WaiterId, oneshot::Sender<WaitReply>>,
     sequence: u64,
+    /// In a cluster, the epoch the table was rebuilt at (see `crate::raft`).
+    epoch: u64,
 }
 
 struct Core {
     inner: Mutex<Inner>,
-    committer: Committer,
-    store: Arc<Store>,
+    backend: Backend,
+    /// Whether this node decides: always on a single node; in a cluster,
+    /// only on the leader once its table is rebuilt.
+    ready: std::sync::atomic::AtomicBool,
     config: Config,
     clock: Clock,
     /// When the timer will next wake, in nanoseconds of the clock.
@@ -210,9 +251,10 @@ impl Coordinator {
                 table,
                 waiters: HashMap::new(),
                 sequence: 0,
+                epoch: 0,
             }),
-            committer,
-            store,
+            backend: Backend::Local { committer, store },
+            ready: std::sync::atomic::AtomicBool::new(true),
             config,
             clock,
             timer_at: AtomicU64::new(u64::MAX),
@@ -244,6 +286,115 @@ impl Coordinator {
 
     fn now(&self) -> Now {
         self.shared.clock.now()
+    }
+
+    /// A cluster node's coordinator: its changes go to `log`. It decides
+    /// nothing until [`Coordinator::promote`] (the node became leader and
+    /// its `Promote` entry is applied). Must run inside a tokio runtime.
+    pub fn open_replicated(log: Arc<dyn Replicated>, config: Config) -> Self {
+        let (orphans, orphan_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let clock = config.clock;
+        let shared = Arc::new(Core {
+            inner: Mutex::new(Inner {
+                table: LeaseTable::new(config.limits, 0),
+                waiters: HashMap::new(),
+                sequence: 0,
+                epoch: 0,
+            }),
+            backend: Backend::Replicated(log),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            config,
+            clock,
+            timer_at: AtomicU64::new(u64::MAX),
+            timer: Notify::new(),
+            orphans,
+            events,
+            shutdown: CancellationToken::new(),
+        });
+        let coordinator = Coordinator { shared };
+        tokio::spawn(coordinator.clone().run_timer());
+        tokio::spawn(coordinator.clone().run_orphans(orphan_rx));
+        coordinator
+    }
+
+    /// Whether this node decides (always on a single node).
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::SeqCst)
+    }
+
+    fn check_ready(&self) -> Result<(), CoordinatorError> {
+        if self.is_ready() {
+            return Ok(());
+        }
+        Err(CoordinatorError::NotLeader {
+            leader: match &self.shared.backend {
+                Backend::Replicated(log) => log.leader_hint(),
+                Backend::Local { .. } => None,
+            },
+        })
+    }
+
+    /// In a cluster: waits until this node has confirmed it still leads,
+    /// then checks it still decides. Nothing to do on a single node.
+    async fn linearize(&self) -> Result<(), CoordinatorError> {
+        if let Backend::Replicated(log) = &self.shared.backend {
+            self.check_ready()?;
+            log.linearize().await?;
+        }
+        self.check_ready()
+    }
+
+    /// In a cluster, when this node has become leader and its `Promote`
+    /// entry (index `epoch`) is applied: rebuilds the table from the applied
+    /// state `loaded`, every lease with its full TTL from now (as a restart
+    /// does), and starts deciding.
+    pub fn promote(&self, epoch: u64, loaded: crate::store::Loaded) {
+        let now = self.now();
+        let mut inner = self.shared.inner.lock();
+        let leases = loaded.leases.len();
+        inner.table = LeaseTable::restore(
+            self.shared.config.limits,
+            loaded.last_token,
+            loaded.leases,
+            loaded.requests,
+            now,
+        );
+        inner.epoch = epoch;
+        let waiters: Vec<_> = inner.waiters.drain().collect();
+        self.shared.ready.store(true, Ordering::SeqCst);
+        self.shared.timer_at.store(0, Ordering::Relaxed);
+        self.shared.timer.notify_one();
+        drop(inner);
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(CoordinatorError::NotLeader { leader: None }));
+        }
+        tracing::info!(
+            epoch,
+            leases,
+            "leading: table rebuilt from the replicated state"
+        );
+    }
+
+    /// In a cluster, when this node stops leading (or doubts a write of its
+    /// epoch): stops deciding and tells the waiters to retry elsewhere.
+    pub fn demote(&self) {
+        let mut inner = self.shared.inner.lock();
+        let was = self.shared.ready.swap(false, Ordering::SeqCst);
+        let waiters: Vec<_> = inner.waiters.drain().collect();
+        drop(inner);
+        for (_, tx) in waiters {
+            let _ = tx.send(Err(CoordinatorError::NotLeader { leader: None }));
+        }
+        if was {
+            tracing::info!("no longer deciding: not the leader");
+        }
+    }
+
+    /// The epoch this node decides in, while it does.
+    pub fn epoch(&self) -> Option<u64> {
+        let inner = self.shared.inner.lock();
+        self.is_ready().then_some(inner.epoch)
     }
 
     /// Applies one command under the lock and queues its effects.
@@ -315,7 +466,15 @@ impl Coordinator {
         let submitted = needs_write || !replies.is_empty();
         if submitted {
             let changes = if needs_write { fx.changes } else { Vec::new() };
-            self.shared.committer.submit(Job { changes, replies });
+            let job = Job {
+                changes,
+                replies,
+                epoch: inner.epoch,
+            };
+            match &self.shared.backend {
+                Backend::Local { committer, .. } => committer.submit(job),
+                Backend::Replicated(log) => log.submit(job),
+            }
         }
         if let Some(next) = inner.table.next_deadline() {
             let next = next.as_nanos() as u64;
@@ -325,9 +484,9 @@ impl Coordinator {
             }
         }
         drop(inner);
-        if submitted {
+        if let (true, Backend::Local { committer, .. }) = (submitted, &self.shared.backend) {
             // Outside the lock: this may write the batch on this thread.
-            self.shared.committer.help();
+            committer.help();
         }
         (result, receiver)
     }
@@ -371,6 +530,7 @@ impl Coordinator {
         if self.shared.shutdown.is_cancelled() {
             return Err(CoordinatorError::ShuttingDown);
         }
+        self.check_ready()?;
         let cmd = AcquireCmd {
             resource: req.resource.clone(),
             holder: req.holder.clone(),
@@ -480,6 +640,7 @@ impl Coordinator {
         token: FencingToken,
         ttl: Option<Duration>,
     ) -> Result<LeaseView, CoordinatorError> {
+        self.linearize().await?;
         let (result, durable) = self.apply(|inner, now, fx| {
             let r = inner.table.renew(lease_id, token, ttl, now, fx);
             let wait = fx.needs_write();
@@ -490,8 +651,20 @@ impl Coordinator {
         Ok(view)
     }
 
+    /// Renew for keepalive streams: [`Coordinator::renew_now`], after (in a
+    /// cluster) the leadership check every renewal needs.
+    pub async fn keepalive(
+        &self,
+        lease_id: LeaseId,
+        token: FencingToken,
+    ) -> Result<LeaseView, CoordinatorError> {
+        self.linearize().await?;
+        Ok(self.renew_now(lease_id, token)?)
+    }
+
     /// Renew without waiting for the disk; for keepalive streams, whose
-    /// renewals keep the TTL and so never need a write.
+    /// renewals keep the TTL and so never need a write. In a cluster, call
+    /// [`Coordinator::keepalive`] (this one does not check leadership).
     pub fn renew_now(
         &self,
         lease_id: LeaseId,
@@ -507,6 +680,7 @@ impl Coordinator {
         lease_id: LeaseId,
         token: FencingToken,
     ) -> Result<bool, CoordinatorError> {
+        self.check_ready()?;
         let (result, durable) = self.apply(|inner, now, fx| {
             let r = inner.table.release(lease_id, token, now, fx);
             let wait = matches!(r, Ok(true));
@@ -522,6 +696,7 @@ impl Coordinator {
         &self,
         resource: &Resource,
     ) -> Result<Option<LeaseView>, CoordinatorError> {
+        self.linearize().await?;
         let (view, durable) =
             self.apply(|inner, now, fx| (inner.table.describe(resource, now, fx), true));
         Self::durable(durable).await?;
@@ -534,6 +709,7 @@ impl Coordinator {
         resource: &Resource,
         only: Option<LeaseMatch>,
     ) -> Result<Option<LeaseView>, CoordinatorError> {
+        self.check_ready()?;
         let (view, durable) = self.apply(|inner, now, fx| {
             let v = inner.table.revoke(resource, only, now, fx);
             let wait = v.is_some();
@@ -555,10 +731,12 @@ impl Coordinator {
         resource: &Resource,
         limit: usize,
     ) -> Result<Vec<GrantRecord>, CoordinatorError> {
-        self.shared
-            .store
-            .history(resource, limit)
-            .map_err(|e| CoordinatorError::Storage(Arc::new(e)))
+        match &self.shared.backend {
+            Backend::Local { store, .. } => store
+                .history(resource, limit)
+                .map_err(|e| CoordinatorError::Storage(Arc::new(e))),
+            Backend::Replicated(_) => Err(CoordinatorError::Unsupported("history")),
+        }
     }
 
     /// Figures for operators.
@@ -570,8 +748,14 @@ impl Coordinator {
             waiters: inner.table.waiters(),
             last_token: inner.table.last_token(),
             uptime: self.shared.clock.elapsed(),
-            data_size: self.shared.store.size_on_disk(),
-            commit_batches: self.shared.committer.batches(),
+            data_size: match &self.shared.backend {
+                Backend::Local { store, .. } => store.size_on_disk(),
+                Backend::Replicated(_) => 0,
+            },
+            commit_batches: match &self.shared.backend {
+                Backend::Local { committer, .. } => committer.batches(),
+                Backend::Replicated(log) => log.batches(),
+            },
         }
     }
 
@@ -583,11 +767,13 @@ impl Coordinator {
         for (_, tx) in waiters {
             let _ = tx.send(Err(CoordinatorError::ShuttingDown));
         }
-        self.shared.committer.close();
-        // Other clones (a connection still winding down) may keep `Core`
-        // alive a little longer; the database is released now regardless.
-        if let Err(e) = self.shared.store.close() {
-            tracing::error!(error = %e, "closing the store failed");
+        if let Backend::Local { committer, store } = &self.shared.backend {
+            committer.close();
+            // Other clones (a connection still winding down) may keep `Core`
+            // alive a little longer; the database is released now regardless.
+            if let Err(e) = store.close() {
+                tracing::error!(error = %e, "closing the store failed");
+            }
         }
     }
 
@@ -609,7 +795,10 @@ impl Coordinator {
                 _ = self.shared.timer.notified() => continue,
                 _ = shutdown.cancelled() => return,
             }
-            self.apply(|inner, now, fx| (inner.table.expire_due(now, fx), false));
+            if self.is_ready() {
+                // A node that does not lead expires nothing (etcd #12528).
+                self.apply(|inner, now, fx| (inner.table.expire_due(now, fx), false));
+            }
         }
     }
 

@@ -87,6 +87,7 @@ pub mod keys;
 pub mod lease;
 pub mod metrics;
 pub mod otlp;
+pub mod raft;
 pub mod server;
 pub(crate) mod service;
 pub mod state;

@@ -36,7 +36,10 @@ use crate::coordinator::{Config, Coordinator};
 use crate::keys::{self, KeyOptions, Keys, KeysError};
 use crate::metrics::Metrics;
 use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::cluster_service_server::ClusterServiceServer;
 use crate::proto::lease_service_server::LeaseServiceServer;
+use crate::proto::raft_service_server::RaftServiceServer;
+use crate::raft::forward::Forward;
 use crate::service::LeaseApi;
 use crate::store::StoreError;
 use crate::tls::{ServerTlsFiles, TlsError};
@@ -61,6 +64,9 @@ pub struct ServerConfig {
     /// What is counted and measured for `/metrics` ([`Metrics::disabled`]
     /// unless `serve --http` is given).
     pub metrics: Metrics,
+    /// With `--peers`: this node's place in a cluster. `None`: a single
+    /// node, on the local write-ahead log.
+    pub cluster: Option<crate::raft::ClusterConfig>,
 }
 
 /// TransportLimits on what one client can make the transport hold.
@@ -99,6 +105,12 @@ pub enum ServerError {
     /// The transport failed.
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The cluster node could not start.
+    #[error(transparent)]
+    Node(#[from] crate::raft::NodeError),
+    /// A cluster node's data directory was started without `--peers`.
+    #[error("{0} belongs to a cluster node; start it with --node-id and --peers (or --join), or use another data directory")]
+    ClusterDataDir(PathBuf),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then shuts down gracefully.
@@ -107,33 +119,58 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let opened = open(&config)?;
+    let opened = open(&config).await?;
     serve(listener, config, opened, shutdown).await
 }
 
-/// What [`open`] opened: the coordinator and its signing keys.
+/// What [`open`] opened: the coordinator, its signing keys and, in a
+/// cluster, the Raft node that drives the coordinator.
 #[derive(Clone)]
 pub struct Opened {
-    /// The lease table over its store.
+    /// The lease table over its store (a single node) or over the
+    /// replicated log (a cluster node).
     pub coordinator: Coordinator,
     /// The keys that sign every lease's fence.
     pub keys: Keys,
+    /// With [`ServerConfig::cluster`]: this node's place in the cluster.
+    pub node: Option<crate::raft::Node>,
 }
 
-/// Opens the store, restores the lease table and loads the signing keys:
-/// everything that can fail because of the data directory, before the
-/// server announces itself.
-pub fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
+/// Opens the store (or, in a cluster, starts the Raft node), restores the
+/// lease table and loads the signing keys: everything that can fail because
+/// of the data directory, before the server announces itself.
+pub async fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
     // Asked before the store creates its files: only a new data directory
     // gets a new key without being told to.
     let data_dir_was_new = keys::data_dir_is_new(&config.data_dir);
     let mut options = config.coordinator.clone();
     options.store.metrics = config.metrics.store();
-    let coordinator = Coordinator::open(&config.data_dir, options)?;
+    let (coordinator, node) = match &config.cluster {
+        None => {
+            if config.data_dir.join("raft").exists() {
+                // Its single-node store (if any) is older than the cluster's
+                // state: serving it would reuse tokens.
+                return Err(ServerError::ClusterDataDir(config.data_dir.clone()));
+            }
+            (Coordinator::open(&config.data_dir, options)?, None)
+        }
+        Some(cluster) => {
+            let (node, coordinator) =
+                crate::raft::Node::start(&config.data_dir, cluster.clone(), options).await?;
+            (coordinator, Some(node))
+        }
+    };
     match Keys::open(&config.data_dir, &config.keys, data_dir_was_new) {
-        Ok(keys) => Ok(Opened { coordinator, keys }),
+        Ok(keys) => Ok(Opened {
+            coordinator,
+            keys,
+            node,
+        }),
         Err(e) => {
             coordinator.shutdown();
+            if let Some(node) = &node {
+                node.shutdown().await;
+            }
             Err(e.into())
         }
     }
@@ -146,9 +183,22 @@ pub async fn serve(
     opened: Opened,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Opened { coordinator, keys } = opened;
+    let Opened {
+        coordinator,
+        keys,
+        node,
+    } = opened;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<LeaseServiceServer<LeaseApi>>().await;
+    match &node {
+        None => health.set_serving::<LeaseServiceServer<LeaseApi>>().await,
+        Some(node) => {
+            tokio::spawn(crate::raft::node::report_health(
+                node.clone(),
+                health.clone(),
+                coordinator.shutdown_token(),
+            ));
+        }
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -176,6 +226,23 @@ pub async fn serve(
             .max_decoding_message_size(max_bytes),
         gate,
     );
+    // A single node serves the services as they are; a cluster node
+    // forwards them to the leader and adds the cluster's own services.
+    let cluster = node
+        .clone()
+        .map(|node| ClusterServices::new(node, max_bytes));
+    let (lease_service, admin_service, cluster) = match cluster {
+        None => (Some(lease_service), Some(admin_service), None),
+        Some(mut c) => {
+            c.lease = Some(Forward::new(lease_service, c.node.clone()));
+            c.admin = Some(Forward::new(admin_service, c.node.clone()));
+            (None, None, Some(c))
+        }
+    };
+    let (forwarded_lease, forwarded_admin, raft_service, cluster_service) = match cluster {
+        None => (None, None, None, None),
+        Some(c) => (c.lease, c.admin, Some(c.raft), Some(c.cluster)),
+    };
 
     let stopping = coordinator.shutdown_token();
     let on_shutdown = {
@@ -202,13 +269,53 @@ pub async fn serve(
         ))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(lease_service)
-        .add_service(admin_service)
+        .add_optional_service(lease_service)
+        .add_optional_service(admin_service)
+        .add_optional_service(forwarded_lease)
+        .add_optional_service(forwarded_admin)
+        .add_optional_service(raft_service)
+        .add_optional_service(cluster_service)
         .serve_with_incoming_shutdown(incoming, on_shutdown)
         .await;
     coordinator.shutdown();
+    if let Some(node) = &node {
+        node.shutdown().await;
+    }
     tracing::info!("stopped");
     result.map_err(ServerError::from)
+}
+
+type AdminServer = InterceptedService<AdminServiceServer<AdminApi>, AdminGate>;
+
+/// A cluster node's services (see [`serve_node`]).
+struct ClusterServices {
+    node: crate::raft::Node,
+    lease: Option<Forward<LeaseServiceServer<LeaseApi>>>,
+    admin: Option<Forward<AdminServer>>,
+    raft: RaftServiceServer<crate::raft::network::RaftApi>,
+    cluster: Forward<ClusterServiceServer<crate::raft::cluster_api::ClusterApi>>,
+}
+
+impl ClusterServices {
+    fn new(node: crate::raft::Node, _max_bytes: usize) -> Self {
+        // Raft messages carry batches and snapshots: no size limit between
+        // members (only members reach them when mTLS is on).
+        let raft = RaftServiceServer::new(crate::raft::network::RaftApi::new(node.raft().clone()))
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        let cluster = Forward::new(
+            ClusterServiceServer::new(crate::raft::cluster_api::ClusterApi::new(node.clone())),
+            node.clone(),
+        )
+        .local(&["/leasehold.v1.ClusterService/Status"]);
+        ClusterServices {
+            node,
+            lease: None,
+            admin: None,
+            raft,
+            cluster,
+        }
+    }
 }
 
 /// Decides who may use the admin API, and says so in the log.

@@ -40,9 +40,10 @@ pub fn status(err: CoordinatorError) -> Status {
             StateError::Superseded => Status::aborted(err.to_string()),
             StateError::Exhausted { .. } => Status::resource_exhausted(err.to_string()),
         },
-        CoordinatorError::Storage(_) | CoordinatorError::ShuttingDown => {
-            Status::unavailable(err.to_string())
-        }
+        CoordinatorError::Storage(_)
+        | CoordinatorError::ShuttingDown
+        | CoordinatorError::NotLeader { .. } => Status::unavailable(err.to_string()),
+        CoordinatorError::Unsupported(_) => Status::unimplemented(err.to_string()),
     }
 }
 
@@ -285,12 +286,19 @@ impl LeaseService for LeaseApi {
         let out = request
             .into_inner()
             .take_until(shutdown)
-            .map(move |msg| {
+            .then(move |msg| {
+                let coordinator = coordinator.clone();
+                async move {
                 let msg = msg?;
                 let id = LeaseId::parse(&msg.lease_id).map_err(invalid)?;
                 let token = FencingToken(msg.token);
-                let (alive, expires_in_ms) = match coordinator.renew_now(id, token) {
+                let (alive, expires_in_ms) = match coordinator.keepalive(id, token).await {
                     Ok(v) => (true, ms(v.expires_in)),
+                    // In a cluster, a node that cannot confirm it leads ends
+                    // the stream: the client moves to the leader.
+                    Err(e @ (CoordinatorError::NotLeader { .. } | CoordinatorError::Storage(_))) => {
+                        return Err(status(e));
+                    }
                     Err(e) => {
                         tracing::debug!(lease_id = ?id, token = token.0, error = %e, "keepalive for a lease that is gone");
                         (false, 0)
@@ -302,6 +310,7 @@ impl LeaseService for LeaseApi {
                     expires_in_ms,
                     alive,
                 })
+                }
             });
         Ok(Response::new(Box::pin(out)))
     }

@@ -172,12 +172,20 @@ impl Default for Options {
 impl Options {
     /// Opens `connections` channels to the server (eagerly, so a wrong URL
     /// fails here rather than as a million errors).
+    /// With several servers (a cluster, comma-separated), every connection
+    /// goes to the leader they report.
     pub async fn connect(&self) -> Result<Vec<Client>, BenchError> {
-        let endpoint =
-            Endpoint::from_shared(self.server.clone()).map_err(|source| BenchError::Url {
-                url: self.server.clone(),
-                source,
-            })?;
+        let mut server = self.server.clone();
+        if server.contains(',') {
+            let list: Vec<&str> = self.server.split(',').map(str::trim).collect();
+            server = crate::raft::cluster_api::find_leader(list.iter().copied())
+                .await
+                .unwrap_or_else(|| list[0].to_owned());
+        }
+        let endpoint = Endpoint::from_shared(server.clone()).map_err(|source| BenchError::Url {
+            url: server.clone(),
+            source,
+        })?;
         let mut clients = Vec::new();
         for _ in 0..self.connections.max(1) {
             let client = open_conn(&endpoint)

@@ -18,7 +18,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How to reach the coordinator.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectArgs {
-    /// The coordinator's URL (`https://` for TLS).
+    /// The coordinator's URL (`https://` for TLS); for a cluster, any
+    /// number of its nodes, comma-separated (every node forwards to the leader).
     #[arg(
         long,
         default_value = "http://127.0.0.1:7420",
@@ -51,34 +52,62 @@ impl ConnectArgs {
     /// TLS is configured for `https://` URLs, and refused for `http://` ones
     /// when TLS files are given (they would silently go unused).
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        let endpoint = Endpoint::from_shared(self.server.clone())
-            .map_err(|e| anyhow::anyhow!("--server {:?} is not a URL: {e}", self.server))?
+        let first = self.servers().next().unwrap_or_default().to_owned();
+        self.endpoint_for(&first)
+    }
+
+    /// The URLs of `--server`, a comma-separated list for a cluster.
+    pub fn servers(&self) -> impl Iterator<Item = &str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+    }
+
+    fn endpoint_for(&self, server: &str) -> anyhow::Result<Endpoint> {
+        let endpoint = Endpoint::from_shared(server.to_owned())
+            .map_err(|e| anyhow::anyhow!("--server {server:?} is not a URL: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT);
         let files = self.tls_files();
         let https = endpoint.uri().scheme_str() == Some("https");
         if !https {
             anyhow::ensure!(
                 !files.is_set(),
-                "--ca-cert/--client-cert/--client-key need an https:// URL, but --server is {}",
-                self.server
+                "--ca-cert/--client-cert/--client-key need an https:// URL, but --server is {server}"
             );
             return Ok(endpoint);
         }
         let tls = files.load()?;
         endpoint
             .tls_config(tls)
-            .map_err(|e| anyhow::anyhow!("cannot set up TLS for {}: {e}", self.server))
+            .map_err(|e| anyhow::anyhow!("cannot set up TLS for {server}: {e}"))
     }
 
-    /// A channel that connects on first use.
+    /// A channel that connects on first use; over several servers (a
+    /// cluster), calls are spread over those that answer.
     pub fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(self.endpoint()?.connect_lazy())
+        let servers: Vec<&str> = self.servers().collect();
+        if servers.len() <= 1 {
+            return Ok(self.endpoint()?.connect_lazy());
+        }
+        let endpoints = servers
+            .iter()
+            .map(|s| self.endpoint_for(s))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Channel::balance_list(endpoints.into_iter()))
     }
 
     /// A channel connected now; an unreachable server (or a failed TLS
     /// handshake) is reported here, clearly, rather than on the first call.
     pub async fn connect(&self) -> anyhow::Result<Channel> {
-        let endpoint = self.endpoint()?;
+        // Several servers: the first that answers (any node forwards to the leader).
+        let servers: Vec<&str> = self.servers().collect();
+        for server in servers.iter().take(servers.len().saturating_sub(1)) {
+            if let Ok(channel) = self.endpoint_for(server)?.connect().await {
+                return Ok(channel);
+            }
+        }
+        let endpoint = self.endpoint_for(servers.last().copied().unwrap_or_default())?;
         endpoint.connect().await.map_err(|e| {
             Failure::unreachable(format!(
                 "cannot reach the coordinator at {}: {}; is it running? (--server / LEASEHOLD_SERVER)",

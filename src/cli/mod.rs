@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod acquire;
 pub mod bench;
+pub mod cluster;
 pub mod common;
 pub mod exit;
 pub mod keys;
@@ -39,6 +40,8 @@ pub enum Command {
     Keys(keys::KeysArgs),
     /// Measure a server: `cycle`, `contended`, `keepalive`, `fill`, `ready`.
     Bench(bench::BenchArgs),
+    /// Operators: a cluster's members and leader; add and remove members.
+    Cluster(cluster::ClusterArgs),
 }
 
 /// Parses a human duration (`30s`, `1m`, `250ms`).
@@ -54,6 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Leases(args) => leases::run(args).await,
         Command::Status(args) => status::run(args).await,
         Command::Keys(args) => keys::run(args).await,
+        Command::Cluster(args) => cluster::run(args).await,
         Command::Acquire(args) => return acquire::run(args).await,
         Command::Bench(args) => return bench::run(args).await,
     };

@@ -89,6 +89,58 @@ pub struct ServeArgs {
     /// token apply.
     #[arg(long, env = "LEASEHOLD_HTTP", num_args = 0..=1, default_missing_value = "127.0.0.1:7480")]
     pub http: Option<String>,
+    /// Cluster: this node's id (with --peers or --join).
+    #[arg(long, env = "LEASEHOLD_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Cluster: every initial member, this node included, as
+    /// `1=http://host:port,2=...`; the same list on every node. Without it
+    /// (and without --join) the server is a single node.
+    #[arg(long, env = "LEASEHOLD_PEERS", value_parser = parse_peer, value_delimiter = ',')]
+    pub peers: Vec<(u64, String)>,
+    /// Cluster: start empty and wait to be added with `leasehold cluster add`.
+    #[arg(long, requires = "node_id")]
+    pub join: bool,
+    /// Cluster: T, where a follower that hears nothing from the leader for
+    /// 3 T to 4 T starts an election (openraft's leader lease of 2 T, then a
+    /// random T to 2 T).
+    #[arg(long, default_value = "250ms", value_parser = super::parse_duration)]
+    pub election_timeout: Duration,
+    /// Cluster: how often the leader sends heartbeats (at most half the election timeout).
+    #[arg(long, default_value = "50ms", value_parser = super::parse_duration)]
+    pub heartbeat: Duration,
+    /// Cluster: longest a write or a leadership check may take before the
+    /// call is answered UNAVAILABLE.
+    #[arg(long, default_value = "3s", value_parser = super::parse_duration)]
+    pub commit_timeout: Duration,
+    /// Cluster: take a snapshot (and compact the log) every this many entries.
+    #[arg(long, default_value_t = 20_000)]
+    pub snapshot_every: u64,
+    /// Cluster: the CA that signed the other members' certificates (for
+    /// `https://` peers; default: --client-ca, else the system's roots).
+    /// Under mTLS a node presents --tls-cert/--tls-key to its peers.
+    #[arg(long, env = "LEASEHOLD_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+}
+
+/// Parses one `ID=URL` of `--peers`.
+fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, url) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not ID=URL (example: 1=http://10.0.0.1:7420)"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{id:?} in {s:?} is not a node id (a number above 0)"))?;
+    if id == 0 {
+        return Err(format!("node ids start at 1 ({s:?})"));
+    }
+    let url = url.trim();
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "{url:?} must start with http:// or https:// (example: 1=http://10.0.0.1:7420)"
+        ));
+    }
+    Ok((id, url.to_owned()))
 }
 
 impl ServeArgs {
@@ -123,7 +175,9 @@ impl ServeArgs {
             .as_deref()
             .map(AdminToken::from_file)
             .transpose()?;
+        let cluster = self.cluster(tls.as_ref())?;
         Ok(ServerConfig {
+            cluster,
             tls,
             admin_token,
             insecure_admin: self.insecure_admin,
@@ -164,6 +218,54 @@ impl ServeArgs {
     }
 }
 
+impl ServeArgs {
+    fn cluster(
+        &self,
+        tls: Option<&ServerTlsFiles>,
+    ) -> anyhow::Result<Option<crate::raft::ClusterConfig>> {
+        if self.peers.is_empty() && !self.join {
+            anyhow::ensure!(
+                self.node_id.is_none(),
+                "--node-id needs --peers (or --join); without them the server is a single node"
+            );
+            return Ok(None);
+        }
+        let node_id = self
+            .node_id
+            .context("--peers needs --node-id: which of the peers this node is")?;
+        let peers: std::collections::BTreeMap<u64, String> = self.peers.iter().cloned().collect();
+        anyhow::ensure!(
+            peers.len() == self.peers.len(),
+            "--peers names a node id twice"
+        );
+        anyhow::ensure!(
+            self.heartbeat * 2 <= self.election_timeout && !self.heartbeat.is_zero(),
+            "--heartbeat must be above zero and at most half of --election-timeout"
+        );
+        let peer_tls = match tls {
+            None => None,
+            Some(tls) => Some(
+                crate::tls::ClientTlsFiles {
+                    ca_cert: self.peer_ca.clone().or_else(|| tls.client_ca.clone()),
+                    client_cert: tls.client_ca.as_ref().map(|_| tls.cert.clone()),
+                    client_key: tls.client_ca.as_ref().map(|_| tls.key.clone()),
+                }
+                .load()?,
+            ),
+        };
+        Ok(Some(crate::raft::ClusterConfig {
+            node_id,
+            peers,
+            join: self.join,
+            election_timeout: self.election_timeout,
+            heartbeat: self.heartbeat,
+            commit_timeout: self.commit_timeout,
+            snapshot_every: self.snapshot_every.max(100),
+            peer_tls,
+        }))
+    }
+}
+
 /// Binds, serves, and returns the exit code once shut down.
 pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     // The faster scheduler needs a compile-time cfg that `.cargo/config.toml`
@@ -175,7 +277,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
          about 10 % of lock-cycle throughput; see README \"Installing\" for the build command"
     );
     let config = args.config()?;
-    let opened = server::open(&config)?;
+    let opened = server::open(&config).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -183,7 +285,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<i32> {
     // 127.0.0.1:0`; it comes once the store is open and the port bound.
     println!("listening on {}", listener.local_addr()?);
     let http = match &args.http {
-        Some(addr) => Some(super::serve_http::start(addr, &config, &opened.coordinator).await?),
+        Some(addr) => Some(
+            super::serve_http::start(addr, &config, &opened.coordinator, opened.node.as_ref())
+                .await?,
+        ),
         None => None,
     };
     server::serve(listener, config, opened, shutdown_signal()).await?;

@@ -14,12 +14,16 @@ pub async fn start(
     addr: &str,
     config: &ServerConfig,
     coordinator: &Coordinator,
+    node: Option<&crate::raft::Node>,
 ) -> anyhow::Result<JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (--http)"))?;
     let local = listener.local_addr()?;
-    let server = HttpServer::new(coordinator.clone(), config, local)?;
+    let mut server = HttpServer::new(coordinator.clone(), config, local)?;
+    if let Some(node) = node {
+        server = server.with_cluster(std::sync::Arc::new(node.clone()));
+    }
     println!("http on {local}");
     Ok(tokio::spawn(async move {
         if let Err(e) = http::serve(listener, server, std::future::pending()).await {

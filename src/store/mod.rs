@@ -118,6 +118,10 @@ pub enum StoreError {
     /// The store was closed (the server is shutting down).
     #[error("the store is closed because the server is shutting down; retry once it is back")]
     Closed,
+    /// In a cluster: the change was not committed (no majority in time, or
+    /// this node stopped leading); it may or may not take effect.
+    #[error("the cluster did not commit the change: {0}; retry (the client moves to the leader)")]
+    Replication(String),
     /// The data directory holds something this version cannot read.
     #[error("the data directory {path} is damaged: {what}; restore it from a backup or move it aside (starting empty would reuse tokens)")]
     Corrupt {

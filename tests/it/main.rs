@@ -8,6 +8,7 @@ mod admin;
 mod admin_cli;
 mod bench;
 mod client;
+mod cluster;
 mod coordinator;
 mod crash;
 mod faults;

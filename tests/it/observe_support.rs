@@ -34,7 +34,7 @@ impl Observed {
             metrics: Metrics::enabled(),
             ..options
         };
-        let opened = server::open(&config).expect("open the store");
+        let opened = server::open(&config).await.expect("open the store");
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -361,7 +361,10 @@ async fn a_damaged_or_missing_key_file_refuses_to_start() {
     flipped[at] ^= 0x20;
     for damaged in [flipped, original[..original.len() / 2].to_vec()] {
         std::fs::write(&key_file, &damaged).unwrap();
-        let err = server::open(&config).err().expect("must refuse to start");
+        let err = server::open(&config)
+            .await
+            .err()
+            .expect("must refuse to start");
         let text = err.to_string();
         assert!(matches!(err, ServerError::Keys(_)), "{text}");
         assert!(text.contains("is damaged"), "{text}");
@@ -373,7 +376,10 @@ async fn a_damaged_or_missing_key_file_refuses_to_start() {
 
     // Missing beside an existing store: refused, and nothing is created.
     std::fs::remove_file(&key_file).unwrap();
-    let err = server::open(&config).err().expect("must refuse to start");
+    let err = server::open(&config)
+        .await
+        .err()
+        .expect("must refuse to start");
     assert!(err.to_string().contains("--create-signing-key"), "{err}");
     assert!(!key_file.exists());
 
@@ -395,7 +401,9 @@ async fn a_damaged_or_missing_key_file_refuses_to_start() {
 
     // Restoring the file brings the same key back.
     std::fs::write(&key_file, &original).unwrap();
-    let opened = server::open(&config).expect("starts with the restored file");
+    let opened = server::open(&config)
+        .await
+        .expect("starts with the restored file");
     let id = opened.keys.list()[0].public.id();
     opened.coordinator.shutdown();
     assert_eq!(

@@ -61,11 +61,26 @@ pub struct Client {
 impl Client {
     /// A client for `endpoint` (e.g. `http://127.0.0.1:7420`). Connects on
     /// first use and reconnects by itself after the connection drops.
+    ///
+    /// For a cluster, give its nodes comma-separated
+    /// (`http://a:7420,http://b:7420,http://c:7420`): calls are spread over
+    /// the nodes that answer (each forwards to the leader), and a call that
+    /// fails because its node is down is retried like any UNAVAILABLE.
     pub fn connect(endpoint: impl Into<String>) -> Result<Self, ClientError> {
-        let url = endpoint.into();
-        let endpoint =
-            Endpoint::from_shared(url.clone()).map_err(|_| ClientError::BadEndpoint(url))?;
-        Ok(Self::from_channel(endpoint.connect_lazy()))
+        let list = endpoint.into();
+        let mut endpoints = Vec::new();
+        for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            endpoints.push(
+                Endpoint::from_shared(url.to_owned())
+                    .map_err(|_| ClientError::BadEndpoint(url.to_owned()))?,
+            );
+        }
+        let channel = match endpoints.len() {
+            0 => return Err(ClientError::BadEndpoint(list)),
+            1 => endpoints.remove(0).connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
+        Ok(Self::from_channel(channel))
     }
 
     /// A client over an existing channel (for TLS or custom settings).

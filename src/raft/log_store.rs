@@ -1,0 +1,403 @@
+//! The Raft log: an append-only file of our own, every append `fdatasync`ed
+//! before openraft is told it is durable.
+//!
+//! An append writes its record and returns; a sync thread then
+//! `fdatasync`s the file once for every append that queued up meanwhile
+//! and only then tells openraft (in order) that they are durable. So the
+//! leader sends entries to its followers while its own sync runs, and
+//! concurrent appends share one sync. The vote is synced before
+//! `save_vote` returns.
+//!
+//! The file is a sequence of records, each `[len u32][crc32 u32][JSON]` of
+//! one [`LogOp`] (entries appended, a suffix truncated, a prefix purged, the
+//! vote, the committed id). On open the records are replayed in order into
+//! memory; replay stops at the first record that is short or fails its CRC
+//! (a write torn by a crash: it was never acknowledged) and the file is cut
+//! there. When most of the file describes purged entries, it is rewritten
+//! (a temporary file, synced, renamed over the old one, directory synced)
+//! holding only the live state, so the file stays proportional to the
+//! entries since the last snapshot.
+//!
+//! Entries are kept in memory between snapshots: openraft purges them once
+//! a snapshot covers them (see [`node`](super::node) for the policy).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, TypeConfig};
+
+/// One record of the log file.
+#[derive(Debug, Serialize, Deserialize)]
+enum LogOp {
+    Append(Vec<Entry<TypeConfig>>),
+    /// Delete entries at and after this index.
+    Truncate(u64),
+    /// Delete entries up to and including this id.
+    Purge(LogId<NodeId>),
+    Vote(Vote<NodeId>),
+    Committed(Option<LogId<NodeId>>),
+}
+
+#[derive(Debug)]
+struct Inner {
+    path: PathBuf,
+    file: File,
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    purged: Option<LogId<NodeId>>,
+    /// Records in the file, to decide when to rewrite it.
+    records: u64,
+}
+
+/// The log store (cheap to clone: clones share the file).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Mutex<Inner>>,
+    syncs: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+/// Syncs the file for every append queued, then reports them durable, in order.
+fn run_syncs(inner: Arc<Mutex<Inner>>, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        batch.extend(rx.try_iter());
+        // Every record of these appends was written before it was queued.
+        let file = inner.lock().file.try_clone();
+        let result = file.and_then(|f| f.sync_data());
+        for callback in batch {
+            callback.log_io_completed(match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+    }
+}
+
+fn io_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::write_logs(AnyError::new(&e)),
+    }
+}
+
+fn frame(op: &LogOp, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let body = serde_json::to_vec(op).map_err(std::io::Error::other)?;
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+impl LogStore {
+    /// Opens (or creates) `dir/raft-log`, replaying what it holds.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("raft-log");
+        let mut bytes = Vec::new();
+        if path.exists() {
+            File::open(&path)?.read_to_end(&mut bytes)?;
+        }
+        let mut inner = Inner {
+            path: path.clone(),
+            file: OpenOptions::new().create(true).append(true).open(&path)?,
+            entries: BTreeMap::new(),
+            vote: None,
+            committed: None,
+            purged: None,
+            records: 0,
+        };
+        let mut at = 0usize;
+        while bytes.len() - at >= 8 {
+            let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default()) as usize;
+            let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
+            let Some(body) = bytes.get(at + 8..at + 8 + len) else {
+                break;
+            };
+            if crc32fast::hash(body) != crc {
+                break;
+            }
+            let Ok(op) = serde_json::from_slice::<LogOp>(body) else {
+                break;
+            };
+            inner.replay(op);
+            inner.records += 1;
+            at += 8 + len;
+        }
+        if at < bytes.len() {
+            tracing::warn!(
+                path = %path.display(),
+                kept = at,
+                dropped = bytes.len() - at,
+                "the Raft log ends in a torn record (a crash mid-write); cutting it there"
+            );
+            inner.file.set_len(at as u64)?;
+            inner.file.sync_all()?;
+        }
+        let inner = Arc::new(Mutex::new(inner));
+        let (syncs, rx) = std::sync::mpsc::channel();
+        let shared = inner.clone();
+        std::thread::Builder::new()
+            .name("leasehold-raft-log".into())
+            .spawn(move || run_syncs(shared, rx))?;
+        Ok(LogStore { inner, syncs })
+    }
+
+    fn write(&self, op: &LogOp) -> Result<(), std::io::Error> {
+        let mut inner = self.inner.lock();
+        inner.write(op)
+    }
+}
+
+impl Inner {
+    fn replay(&mut self, op: LogOp) {
+        match op {
+            LogOp::Append(entries) => {
+                for e in entries {
+                    self.entries.insert(e.log_id.index, e);
+                }
+            }
+            LogOp::Truncate(index) => {
+                self.entries.split_off(&index);
+            }
+            LogOp::Purge(log_id) => {
+                let keep = self.entries.split_off(&(log_id.index + 1));
+                self.entries = keep;
+                self.purged = Some(log_id);
+            }
+            LogOp::Vote(v) => self.vote = Some(v),
+            LogOp::Committed(c) => self.committed = c,
+        }
+    }
+
+    fn write(&mut self, op: &LogOp) -> std::io::Result<()> {
+        self.write_unsynced(op)?;
+        self.file.sync_data()
+    }
+
+    fn write_unsynced(&mut self, op: &LogOp) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        frame(op, &mut buf)?;
+        self.file.write_all(&buf)?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Rewrites the file with only the live state, when most of it is dead.
+    fn maybe_rewrite(&mut self) -> std::io::Result<()> {
+        if self.records < 1024 || self.records < 4 * (self.entries.len() as u64 / 64 + 1) {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut buf = Vec::new();
+        if let Some(v) = self.vote {
+            frame(&LogOp::Vote(v), &mut buf)?;
+        }
+        if let Some(p) = self.purged {
+            frame(&LogOp::Purge(p), &mut buf)?;
+        }
+        frame(&LogOp::Committed(self.committed), &mut buf)?;
+        let mut records = 3;
+        let entries: Vec<_> = self.entries.values().cloned().collect();
+        for chunk in entries.chunks(64) {
+            frame(&LogOp::Append(chunk.to_vec()), &mut buf)?;
+            records += 1;
+        }
+        let mut f = File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.records = records;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let inner = self.inner.lock();
+        Ok(inner.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let inner = self.inner.lock();
+        let last = inner
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(inner.purged);
+        Ok(LogState {
+            last_purged_log_id: inner.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.write(&LogOp::Vote(*vote)).map_err(io_err)?;
+        self.inner.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.inner.lock().vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        // Not synced: a lost committed id is learnt again from the leader.
+        let mut inner = self.inner.lock();
+        let mut buf = Vec::new();
+        frame(&LogOp::Committed(committed), &mut buf).map_err(io_err)?;
+        inner.file.write_all(&buf).map_err(io_err)?;
+        inner.records += 1;
+        inner.committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.inner.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        let mut inner = self.inner.lock();
+        let op = LogOp::Append(entries);
+        if let Err(e) = inner.write_unsynced(&op) {
+            drop(inner);
+            let failed = io_err(std::io::Error::new(e.kind(), e.to_string()));
+            callback.log_io_completed(Err(e));
+            return Err(failed);
+        }
+        inner.replay(op);
+        drop(inner);
+        // Durable (and reported so) once the sync thread has synced it.
+        if let Err(std::sync::mpsc::SendError(callback)) = self.syncs.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("the log's sync thread stopped")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // Synced with the next append: the file keeps its order, so a crash
+        // before that sync loses the truncation and the appends together.
+        let mut inner = self.inner.lock();
+        inner
+            .write_unsynced(&LogOp::Truncate(log_id.index))
+            .map_err(io_err)?;
+        inner.replay(LogOp::Truncate(log_id.index));
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // A purge lost in a crash only keeps entries a snapshot covers.
+        let mut inner = self.inner.lock();
+        inner
+            .write_unsynced(&LogOp::Purge(log_id))
+            .map_err(io_err)?;
+        inner.replay(LogOp::Purge(log_id));
+        inner.maybe_rewrite().map_err(io_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(store: &LogStore) -> Vec<u64> {
+        store.inner.lock().entries.keys().copied().collect()
+    }
+
+    /// Appends, a truncation, a purge and the vote survive a reopen; a torn
+    /// tail is cut and the rest kept.
+    #[tokio::test]
+    async fn the_log_survives_a_reopen_and_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::open(dir.path()).unwrap();
+            for i in 1..=10 {
+                let mut inner = store.inner.lock();
+                inner
+                    .write_unsynced(&LogOp::Append(vec![entry(1, i)]))
+                    .unwrap();
+                inner.replay(LogOp::Append(vec![entry(1, i)]));
+            }
+            store
+                .truncate(LogId::new(CommittedLeaderId::new(1, 1), 8))
+                .await
+                .unwrap();
+            store
+                .purge(LogId::new(CommittedLeaderId::new(1, 1), 3))
+                .await
+                .unwrap();
+            store.save_vote(&Vote::new(2, 3)).await.unwrap();
+        }
+        // A torn record at the end.
+        let path = dir.path().join("raft-log");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let mut store = LogStore::open(dir.path()).unwrap();
+        assert_eq!(indexes(&store), vec![4, 5, 6, 7]);
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(2, 3)));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(7));
+        let got = store.try_get_log_entries(5..7).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![5, 6]
+        );
+    }
+}

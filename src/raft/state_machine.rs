@@ -1,0 +1,459 @@
+//! The applied state: what every node learns from the committed log, and
+//! its snapshots.
+//!
+//! [`Applied`] holds the same things a single node keeps on disk (live lease
+//! records, idempotency keys, the highest token) plus the epoch: the index
+//! of the last `Promote` entry. Changes decided by a table of an earlier
+//! epoch (a deposed leader's, or one whose write came back in doubt) are
+//! ignored, so a table rebuilt at a promotion and the applied state never
+//! part ways. Applying is deterministic: it reads no clock and draws
+//! nothing.
+//!
+//! The applied state lives in memory; a snapshot is its JSON in one file
+//! (`DATA_DIR/raft-snapshot`, written to a temporary file, synced and
+//! renamed). A restart loads the snapshot and openraft re-applies the log
+//! after it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::wire::{WireChange, WireRecord, WireRequest};
+use super::{NodeId, Request, Response, TypeConfig};
+use crate::store::Loaded;
+
+/// Everything the committed log says, up to `last_applied`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Applied {
+    /// The last entry applied.
+    pub last_applied: Option<LogId<NodeId>>,
+    /// The last membership applied.
+    pub membership: StoredMembership<NodeId, BasicNode>,
+    /// The index of the last `Promote` entry: only changes of this epoch apply.
+    pub epoch: u64,
+    /// Every token ever granted is at or below this.
+    pub last_token: u64,
+    /// Live leases by resource.
+    pub leases: BTreeMap<String, WireRecord>,
+    /// Idempotency keys.
+    pub requests: HashMap<String, WireRequest>,
+}
+
+impl Applied {
+    /// Applies one entry's request; `index` is the entry's log index.
+    pub fn apply(&mut self, index: u64, request: &Request) -> Response {
+        match request {
+            Request::Promote { .. } => {
+                self.epoch = index;
+                Response::Promoted { epoch: index }
+            }
+            Request::Changes { epoch, .. } if *epoch != self.epoch => Response::Stale {
+                epoch: *epoch,
+                current: self.epoch,
+            },
+            Request::Changes { changes, .. } => {
+                for change in changes {
+                    self.apply_change(change);
+                }
+                Response::Applied
+            }
+        }
+    }
+
+    fn apply_change(&mut self, change: &WireChange) {
+        match change {
+            WireChange::Granted(r) => {
+                self.last_token = self.last_token.max(r.token);
+                if let Some(key) = &r.request_id {
+                    self.requests.insert(
+                        key.clone(),
+                        WireRequest {
+                            resource: r.resource.clone(),
+                            holder: r.holder.clone(),
+                            ttl: r.ttl,
+                            lease_id: r.lease_id,
+                            token: r.token,
+                            recorded_unix_ms: r.acquired_unix_ms,
+                        },
+                    );
+                }
+                let newer = self
+                    .leases
+                    .get(&r.resource)
+                    .is_none_or(|old| old.token < r.token);
+                if newer {
+                    self.leases.insert(r.resource.clone(), r.clone());
+                }
+            }
+            WireChange::TtlChanged(r) => {
+                if let Some(live) = self.leases.get_mut(&r.resource) {
+                    if live.lease_id == r.lease_id {
+                        live.ttl = r.ttl;
+                    }
+                }
+            }
+            WireChange::Ended { record, .. } => {
+                let same = self
+                    .leases
+                    .get(&record.resource)
+                    .is_some_and(|live| live.lease_id == record.lease_id);
+                if same {
+                    self.leases.remove(&record.resource);
+                }
+            }
+            WireChange::RequestsCollected(keys) => {
+                for key in keys {
+                    self.requests.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The state of a single node's store (`serve` without `--peers`), for
+    /// a node that starts a cluster from it.
+    pub fn import(&mut self, loaded: &Loaded) {
+        self.last_token = self.last_token.max(loaded.last_token);
+        for r in &loaded.leases {
+            self.leases
+                .insert(r.resource.as_str().to_owned(), WireRecord::from_record(r));
+        }
+        for (key, r) in &loaded.requests {
+            self.requests.insert(
+                key.as_str().to_owned(),
+                WireRequest {
+                    resource: r.resource.as_str().to_owned(),
+                    holder: r.holder.as_str().to_owned(),
+                    ttl: r.ttl,
+                    lease_id: r.lease_id.0,
+                    token: r.token.0,
+                    recorded_unix_ms: r.recorded_unix_ms,
+                },
+            );
+        }
+    }
+
+    /// What a new leader rebuilds its table from (as a restart reads its store).
+    pub fn to_loaded(&self) -> Loaded {
+        let mut loaded = Loaded {
+            last_token: self.last_token,
+            ..Loaded::default()
+        };
+        for r in self.leases.values() {
+            match r.to_record() {
+                Ok(r) => loaded.leases.push(r),
+                Err(e) => tracing::error!(error = %e, "skipping a lease record"),
+            }
+        }
+        for (key, r) in &self.requests {
+            match r.to_record(key) {
+                Ok(r) => loaded.requests.push(r),
+                Err(e) => tracing::error!(error = %e, "skipping an idempotency key"),
+            }
+        }
+        loaded
+    }
+}
+
+#[derive(Debug, Clone)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// openraft's state machine over [`Applied`] (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    applied: Arc<Mutex<Applied>>,
+    path: PathBuf,
+    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    built: Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageError::IO {
+        source: StorageIOError::write_state_machine(AnyError::new(&e)),
+    }
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`, starting from its snapshot if any.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join("raft-snapshot");
+        let mut applied = Applied::default();
+        let mut current = None;
+        if path.exists() {
+            let bytes = std::fs::read(&path)?;
+            let (meta, data) = split_snapshot_file(&bytes).ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "the snapshot {} is damaged; move it aside (the node then catches up from the leader)",
+                    path.display()
+                ))
+            })?;
+            applied = serde_json::from_slice(data).map_err(std::io::Error::other)?;
+            current = Some(StoredSnapshot {
+                meta,
+                data: data.to_vec(),
+            });
+        }
+        Ok(StateMachine {
+            applied: Arc::new(Mutex::new(applied)),
+            path,
+            current: Arc::new(Mutex::new(current)),
+            built: Arc::default(),
+        })
+    }
+
+    /// The applied state, shared with the node (it reads it at promotion).
+    pub fn applied(&self) -> Arc<Mutex<Applied>> {
+        self.applied.clone()
+    }
+
+    fn save(&self, snapshot: &StoredSnapshot) -> std::io::Result<()> {
+        let meta = serde_json::to_vec(&snapshot.meta).map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&(meta.len() as u32).to_le_bytes())?;
+        f.write_all(&meta)?;
+        f.write_all(&snapshot.data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+fn split_snapshot_file(bytes: &[u8]) -> Option<(SnapshotMeta<NodeId, BasicNode>, &[u8])> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let meta = serde_json::from_slice(bytes.get(4..4 + len)?).ok()?;
+    Some((meta, bytes.get(4 + len..)?))
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last, membership) = {
+            let applied = self.applied.lock();
+            let data = serde_json::to_vec(&*applied).map_err(sm_err)?;
+            (data, applied.last_applied, applied.membership.clone())
+        };
+        let n = self
+            .built
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: format!("{}-{n}", last.map_or(0, |l| l.index)),
+        };
+        let stored = StoredSnapshot { meta, data };
+        self.save(&stored).map_err(sm_err)?;
+        *self.current.lock() = Some(stored.clone());
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
+        let applied = self.applied.lock();
+        Ok((applied.last_applied, applied.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut applied = self.applied.lock();
+        let mut out = Vec::new();
+        for entry in entries {
+            applied.last_applied = Some(entry.log_id);
+            out.push(match &entry.payload {
+                EntryPayload::Blank => Response::Noop,
+                EntryPayload::Normal(request) => applied.apply(entry.log_id.index, request),
+                EntryPayload::Membership(m) => {
+                    applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                    Response::Noop
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let mut state: Applied = serde_json::from_slice(&data).map_err(sm_err)?;
+        state.last_applied = meta.last_log_id;
+        state.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.save(&stored).map_err(sm_err)?;
+        *self.applied.lock() = state;
+        *self.current.lock() = Some(stored);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self.current.lock().clone().map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn record(resource: &str, token: u64, id: u8) -> WireRecord {
+        WireRecord {
+            resource: resource.into(),
+            lease_id: [id; 16],
+            token,
+            holder: "h".into(),
+            ttl: Duration::from_secs(1),
+            acquired_unix_ms: 5,
+            request_id: Some(format!("k{token}")),
+        }
+    }
+
+    fn changes(epoch: u64, changes: Vec<WireChange>) -> Request {
+        Request::Changes { epoch, changes }
+    }
+
+    /// Table of entries and what the applied state holds after each.
+    #[test]
+    fn changes_apply_only_in_their_epoch() {
+        let mut s = Applied::default();
+        let cases: Vec<(u64, Request, &str, Vec<&str>, u64)> = vec![
+            // (index, request, response, live resources, last token)
+            (1, Request::Promote { node: 1 }, "Promoted", vec![], 0),
+            (
+                2,
+                changes(1, vec![WireChange::Granted(record("a", 1, 1))]),
+                "Applied",
+                vec!["a"],
+                1,
+            ),
+            (
+                3,
+                changes(1, vec![WireChange::Granted(record("b", 2, 2))]),
+                "Applied",
+                vec!["a", "b"],
+                2,
+            ),
+            (
+                4,
+                Request::Promote { node: 2 },
+                "Promoted",
+                vec!["a", "b"],
+                2,
+            ),
+            // A deposed leader's change (epoch 1) is ignored.
+            (
+                5,
+                changes(1, vec![WireChange::Granted(record("c", 3, 3))]),
+                "Stale",
+                vec!["a", "b"],
+                2,
+            ),
+            // Ending a lease by another id does nothing; by its own id, it ends.
+            (
+                6,
+                changes(
+                    4,
+                    vec![WireChange::Ended {
+                        record: record("a", 9, 9),
+                        how: 0,
+                        at_unix_ms: 0,
+                    }],
+                ),
+                "Applied",
+                vec!["a", "b"],
+                2,
+            ),
+            (
+                7,
+                changes(
+                    4,
+                    vec![WireChange::Ended {
+                        record: record("a", 1, 1),
+                        how: 1,
+                        at_unix_ms: 0,
+                    }],
+                ),
+                "Applied",
+                vec!["b"],
+                2,
+            ),
+            (
+                8,
+                changes(4, vec![WireChange::Granted(record("a", 3, 4))]),
+                "Applied",
+                vec!["a", "b"],
+                3,
+            ),
+        ];
+        for (index, request, want, live, last_token) in cases {
+            let got = s.apply(index, &request);
+            assert!(format!("{got:?}").starts_with(want), "{index}: {got:?}");
+            assert_eq!(s.leases.keys().collect::<Vec<_>>(), live, "{index}");
+            assert_eq!(s.last_token, last_token, "{index}");
+        }
+        let loaded = s.to_loaded();
+        assert_eq!(loaded.leases.len(), 2);
+        assert_eq!(loaded.requests.len(), 3);
+        assert_eq!(loaded.last_token, 3);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        sm.applied.lock().apply(1, &Request::Promote { node: 1 });
+        sm.applied
+            .lock()
+            .apply(2, &changes(1, vec![WireChange::Granted(record("a", 7, 1))]));
+        let snap = sm.build_snapshot().await.unwrap();
+        let mut again = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(again.applied.lock().last_token, 7);
+        let current = again.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, snap.meta);
+    }
+}
