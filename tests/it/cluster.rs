@@ -360,6 +360,8 @@ async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
         "50ms",
         "--commit-timeout",
         "1s",
+        "--http",
+        "127.0.0.1:0",
     ];
     let mut c = Cluster::start(3, &flags).await;
     let old = c.leader(Duration::from_secs(5)).await;
@@ -679,10 +681,13 @@ async fn bad_input_and_a_lost_majority_keep_todays_answers() {
         "50ms",
         "--commit-timeout",
         "1s",
+        "--http",
+        "127.0.0.1:0",
     ];
     let mut c = Cluster::start(3, &flags).await;
     let leader = c.leader(Duration::from_secs(5)).await;
     let follower = (leader + 1) % 3;
+    cluster_metrics_tell_leader_from_follower(&mut c, leader, follower).await;
     let mut via = lease_client(&c.urls[follower]);
     let cases = [
         (acquire_req("", "h", 1000), tonic::Code::InvalidArgument),
@@ -724,6 +729,84 @@ async fn bad_input_and_a_lost_majority_keep_todays_answers() {
         assert!(Instant::now() < deadline, "still {now} with no majority");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `/metrics` of a cluster node (`serve --http`) carries the cluster's
+/// series, read from the Raft node: the leader says it leads, knows every
+/// peer's lag and has seen a leader; a follower says it follows.
+async fn cluster_metrics_tell_leader_from_follower(
+    c: &mut Cluster,
+    leader: usize,
+    follower: usize,
+) {
+    use crate::observe_support::{request, strict_parse, Samples};
+    let mut http_addr = |i: usize| -> std::net::SocketAddr {
+        let line = c.node(i).read_line();
+        line.strip_prefix("http on ")
+            .unwrap_or_else(|| panic!("expected `http on ADDR`, got {line:?}"))
+            .parse()
+            .expect("address")
+    };
+    let (leader_http, follower_http) = (http_addr(leader), http_addr(follower));
+    let scrape = |addr| async move {
+        let answer = request(addr, "GET", "/metrics", None, None).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        strict_parse(&answer.body)
+    };
+    // A follower learns of the leader from its first heartbeat or append,
+    // which may come after the leader already serves.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let on_follower: Samples = loop {
+        let now = scrape(follower_http).await;
+        if now.get(r#"leasehold_cluster_role{role="follower"}"#) == 1.0
+            && now.get("leasehold_cluster_applied_index") >= 1.0
+        {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} never reported itself a caught-up follower: {:?}",
+            follower + 1,
+            now.values
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let on_leader = scrape(leader_http).await;
+    assert_eq!(
+        on_leader.get(r#"leasehold_cluster_role{role="leader"}"#),
+        1.0
+    );
+    assert_eq!(
+        on_leader.get(r#"leasehold_cluster_role{role="follower"}"#),
+        0.0
+    );
+    assert_eq!(
+        on_follower.get(r#"leasehold_cluster_role{role="leader"}"#),
+        0.0
+    );
+    assert!(on_leader.get("leasehold_cluster_term") >= 1.0);
+    assert!(on_leader.get("leasehold_cluster_leader_changes_total") >= 1.0);
+    assert!(on_follower.get("leasehold_cluster_leader_changes_total") >= 1.0);
+    assert!(on_leader.get("leasehold_cluster_applied_index") >= 1.0);
+    assert!(
+        on_leader.get("leasehold_cluster_commit_index")
+            >= on_leader.get("leasehold_cluster_applied_index")
+    );
+    for peer in (0..3).filter(|&i| i != leader) {
+        let series = format!(
+            r#"leasehold_cluster_replication_lag_entries{{peer="{}"}}"#,
+            peer + 1
+        );
+        assert!(
+            on_leader.values.contains_key(&series),
+            "{series} missing on the leader"
+        );
+    }
+    // Only the leader knows its followers' lag.
+    assert!(!on_follower
+        .values
+        .keys()
+        .any(|k| k.starts_with("leasehold_cluster_replication_lag_entries")));
 }
 
 /// With mutual TLS, the nodes reach each other over TLS with their own

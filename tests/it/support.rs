@@ -316,6 +316,9 @@ pub fn example(name: &str) -> PathBuf {
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Kept open: a server that prints more (`http on ADDR`) must not meet
+    /// a closed pipe.
+    stdout: BufReader<std::process::ChildStdout>,
 }
 
 impl ServerProcess {
@@ -335,9 +338,9 @@ impl ServerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn the server process");
-        let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
-        BufReader::new(stdout)
+        stdout
             .read_line(&mut line)
             .expect("read the listening line");
         let addr = line
@@ -346,7 +349,18 @@ impl ServerProcess {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .parse()
             .expect("address");
-        ServerProcess { child, addr }
+        ServerProcess {
+            child,
+            addr,
+            stdout,
+        }
+    }
+
+    /// The next line the process prints (blocking).
+    pub fn read_line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read a line");
+        line.trim_end().to_owned()
     }
 
     pub fn url(&self) -> String {
