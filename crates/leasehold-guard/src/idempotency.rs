@@ -1013,7 +1013,7 @@ mod tests {
                 .await
                 .is_err());
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::tests::reopen(dir.path());
         let store = IdempotencyStore::open(&db).unwrap();
         let replay = store
             .execute("done", FP, counted(&runs, b"x"))

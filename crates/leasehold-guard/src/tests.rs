@@ -770,7 +770,7 @@ fn sled_marks_survive_a_restart() {
             })
             .unwrap();
     }
-    let db = sled::open(dir.path()).unwrap();
+    let db = reopen(dir.path());
     let data = db.open_tree("data").unwrap();
     let guard = SledGuard::open(&db).unwrap();
     assert_eq!(guard.highest("r").unwrap(), Some(7));
@@ -928,4 +928,21 @@ fn memory_per_resource() {
         names[0].len()
     );
     assert_eq!(guard.len(), N);
+}
+
+/// Opens the sled database at `path` again after the test dropped its last
+/// handle. sled's own background threads let go of the directory's lock a
+/// moment after the drop, so on a busy machine the first attempts can find
+/// it still held: retry for a bounded time.
+pub(crate) fn reopen(path: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot reopen {}: {e}", path.display()),
+        }
+    }
 }
