@@ -10,7 +10,10 @@
 //! [`Applied`](state_machine::Applied), the same records a single node
 //! keeps on disk; a node that becomes leader appends a `Promote` entry and,
 //! once it is applied, rebuilds its table from that state with every lease
-//! given its full TTL from the promotion, as a restart does.
+//! given its full TTL from the promotion, as a restart does. The signing
+//! keys are cluster state too (`Keys` entries): a new leader takes on the
+//! applied key set (or, if there is none yet, proposes its own) before it
+//! decides, so whichever node leads signs with the same keys.
 //!
 //! - [`log_store`]: the Raft log, an append-only file of our own (fsync per append).
 //! - [`state_machine`]: the applied state (the signing keys included), its

@@ -731,10 +731,13 @@ impl Node {
         Ok(())
     }
 
-    /// Whether this node holds the cluster's key set (applied from the log
-    /// or a snapshot): until then its keys may be its own, not the cluster's.
+    /// Whether this node's keys are the cluster's key set as it has applied
+    /// it. Not yet on a fresh or joining node (its keys are its own), nor
+    /// on a restarted one whose key file is newer than its snapshot until it
+    /// has applied the log again.
     pub fn has_key_set(&self) -> bool {
-        self.shared.applied.lock().keys.is_some()
+        let applied = self.shared.applied.lock().keys.clone();
+        applied.is_some_and(|text| text.0 == self.shared.keys.set().encode())
     }
 
     /// Changes the cluster's signing keys (`keys rotate` / `retire`):
