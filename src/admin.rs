@@ -20,7 +20,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::{Coordinator, Event, WATCH_BUFFER};
-use crate::keys::{KeySetError, Keys, KeysError};
+use crate::keys::{self, KeySetError, Keys, KeysError};
 use crate::lease::{EndKind, FencingToken, InvalidField, LeaseId, Resource};
 use crate::proto::{self, admin_service_server::AdminService};
 use crate::service::{invalid, key_to_proto, ms, status};
@@ -130,6 +130,8 @@ fn key_status(e: KeysError) -> Status {
         KeysError::Io { .. } | KeysError::Random(_) => {
             Status::unavailable(format!("{e}; nothing changed: the key file is as it was"))
         }
+        KeysError::NotReplicated(_) => Status::unavailable(e.to_string()),
+        KeysError::Raced => Status::aborted(e.to_string()),
         KeysError::Set(KeySetError::Damaged(_))
         | KeysError::Damaged { .. }
         | KeysError::Missing { .. } => Status::internal(e.to_string()),
@@ -141,6 +143,8 @@ fn key_status(e: KeysError) -> Status {
 pub struct AdminApi {
     coordinator: Coordinator,
     keys: Option<Keys>,
+    /// In a cluster: key changes go through the log.
+    node: Option<crate::raft::Node>,
 }
 
 impl AdminApi {
@@ -149,7 +153,15 @@ impl AdminApi {
         AdminApi {
             coordinator,
             keys: None,
+            node: None,
         }
+    }
+
+    /// A cluster node's admin API: RotateKey and RetireKey change the
+    /// cluster's key set through the log (on the leader: followers forward).
+    pub fn with_node(mut self, node: crate::raft::Node) -> Self {
+        self.node = Some(node);
+        self
     }
 
     /// Rotates and retires `keys` (RotateKey, RetireKey).
@@ -290,11 +302,19 @@ impl AdminService for AdminApi {
         _request: Request<proto::RotateKeyRequest>,
     ) -> Result<Response<proto::RotateKeyResponse>, Status> {
         let keys = self.keys()?;
-        // Writes and syncs the key file: off the async workers.
-        let key = tokio::task::spawn_blocking(move || keys.rotate())
-            .await
-            .map_err(|e| Status::internal(format!("the rotation task failed: {e}")))?
-            .map_err(key_status)?;
+        let key = match &self.node {
+            Some(node) => {
+                let id = node.change_keys(keys::rotated).await.map_err(key_status)?;
+                keys.find(id).ok_or_else(|| {
+                    Status::internal("the new key is not in the key set after its change")
+                })?
+            }
+            // Writes and syncs the key file: off the async workers.
+            None => tokio::task::spawn_blocking(move || keys.rotate())
+                .await
+                .map_err(|e| Status::internal(format!("the rotation task failed: {e}")))?
+                .map_err(key_status)?,
+        };
         Ok(Response::new(proto::RotateKeyResponse {
             key: Some(key_to_proto(&key)),
         }))
@@ -311,10 +331,22 @@ impl AdminService for AdminApi {
                 invalid(InvalidField::new("key_id", e.to_string()))
             },
         )?;
-        let (key, retired) = tokio::task::spawn_blocking(move || keys.retire(id))
-            .await
-            .map_err(|e| Status::internal(format!("the retirement task failed: {e}")))?
-            .map_err(key_status)?;
+        let (key, retired) = match &self.node {
+            Some(node) => {
+                let retired = node
+                    .change_keys(|set| keys::retired(set, id))
+                    .await
+                    .map_err(key_status)?;
+                let key = keys.find(id).ok_or_else(|| {
+                    Status::internal("the retired key is not in the key set after its change")
+                })?;
+                (key, retired)
+            }
+            None => tokio::task::spawn_blocking(move || keys.retire(id))
+                .await
+                .map_err(|e| Status::internal(format!("the retirement task failed: {e}")))?
+                .map_err(key_status)?,
+        };
         Ok(Response::new(proto::RetireKeyResponse {
             key: Some(key_to_proto(&key)),
             retired,

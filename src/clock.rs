@@ -20,7 +20,9 @@ use crate::state::Now;
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     epoch: Instant,
-    unix_ms_at_epoch: u64,
+    /// Kept below the millisecond: truncating it and the monotonic time
+    /// separately could read 1 ms earlier than the wall clock.
+    unix_at_epoch: Duration,
 }
 
 impl Default for Clock {
@@ -35,9 +37,9 @@ impl Clock {
     pub fn start() -> Clock {
         Clock {
             epoch: Instant::now(),
-            unix_ms_at_epoch: SystemTime::now()
+            unix_at_epoch: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+                .unwrap_or_default(),
         }
     }
 
@@ -51,7 +53,7 @@ impl Clock {
         let mono = self.elapsed();
         Now {
             mono,
-            unix_ms: self.unix_ms_at_epoch + mono.as_millis() as u64,
+            unix_ms: (self.unix_at_epoch + mono).as_millis() as u64,
         }
     }
 

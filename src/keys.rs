@@ -19,7 +19,13 @@
 //!   `--create-signing-key`), never silently: a new key is one storage does
 //!   not know.
 //! - [`Keys`] is the running handle: `sign` on the grant path (a read
-//!   lock and an Ed25519 signature), `rotate` / `retire` for the admin API.
+//!   lock and an Ed25519 signature), `rotate` / `retire` for the admin API
+//!   of a single node.
+//! - In a cluster the set is replicated state (`raft::Request::Keys`, in
+//!   the applied state and its snapshots): [`rotated`] and [`retired`]
+//!   compute the next set, the leader proposes it, and every node takes it
+//!   on with [`Keys::adopt`] when the entry is applied. The key file is then
+//!   each node's copy of the last set it applied.
 
 use std::fmt;
 use std::io::Write;
@@ -386,6 +392,18 @@ pub enum KeysError {
     /// The set refused the change.
     #[error(transparent)]
     Set(#[from] KeySetError),
+    /// A cluster's key change was not committed (or its outcome is unknown).
+    #[error(
+        "the key change was not committed by the cluster: {0}; retry \
+         (`leasehold keys list` shows whether it took effect)"
+    )]
+    NotReplicated(String),
+    /// Another change of the cluster's key set came first.
+    #[error(
+        "the cluster's key set changed while this change was proposed (another rotate or \
+         retire, or a new leader); nothing changed: look at `leasehold keys list` and retry"
+    )]
+    Raced,
 }
 
 /// Whether `data_dir` is new: missing, or an empty directory. Call it
@@ -461,6 +479,27 @@ fn random_secret() -> Result<[u8; 32], KeysError> {
         .try_fill_bytes(&mut secret)
         .map_err(|e| KeysError::Random(e.to_string()))?;
     Ok(secret)
+}
+
+/// `set` with a new signing key drawn from the operating system's random
+/// generator (the old one stays verifiable), and the new key's id.
+pub fn rotated(set: &KeySet) -> Result<(KeySet, KeyId), KeysError> {
+    let mut set = set.clone();
+    // A clash of 32-bit ids is a 1-in-2^32 event per key: draw again.
+    let mut tries = 0;
+    loop {
+        match set.rotate(random_secret()?, unix_ms()) {
+            Err(KeySetError::DuplicateId(_)) if tries < 8 => tries += 1,
+            r => return Ok((set, r?)),
+        }
+    }
+}
+
+/// `set` with key `id` retired now; `false`: it was already retired.
+pub fn retired(set: &KeySet, id: KeyId) -> Result<(KeySet, bool), KeysError> {
+    let mut set = set.clone();
+    let retired = set.retire(id, unix_ms())?;
+    Ok((set, retired))
 }
 
 impl Keys {
@@ -540,6 +579,45 @@ impl Keys {
         self.inner.current.read().set.verifier()
     }
 
+    /// The current set.
+    pub fn set(&self) -> KeySet {
+        self.inner.current.read().set.clone()
+    }
+
+    /// Describes key `id` of the current set, if it has one.
+    pub fn find(&self, id: KeyId) -> Option<KeyInfo> {
+        let current = self.inner.current.read().clone();
+        current
+            .set
+            .entries()
+            .iter()
+            .find(|e| e.public.id() == id)
+            .map(KeyInfo::from)
+    }
+
+    /// Takes on `set`, the cluster's key set, as applied from the
+    /// replicated log: from now on it signs and is served, and the key file
+    /// holds it (so a restart keeps it). `Ok(false)`: it was already the
+    /// current set. Unlike [`Keys::rotate`], the set becomes current even
+    /// if the file cannot be written (the error says so): the cluster has
+    /// decided, and the log still holds the set for the next start.
+    /// Blocking (writes and syncs the key file).
+    pub fn adopt(&self, set: KeySet) -> Result<bool, KeysError> {
+        let _one_at_a_time = self.inner.change.lock();
+        if self.inner.current.read().set == set {
+            return Ok(false);
+        }
+        let signer = set.signer();
+        let id = signer.id();
+        *self.inner.current.write() = Arc::new(Current {
+            set: set.clone(),
+            signer,
+        });
+        save(&self.inner.path, &set)?;
+        tracing::info!(signing = %id, keys = set.entries().len(), "took on the cluster's key set");
+        Ok(true)
+    }
+
     /// Applies `change` to a copy of the set, writes it, then makes it
     /// current: a failed write changes nothing. Blocking (file I/O).
     fn change<T>(
@@ -559,14 +637,9 @@ impl Keys {
     /// retired. Blocking (writes and syncs the key file).
     pub fn rotate(&self) -> Result<KeyInfo, KeysError> {
         let id = self.change(|set| {
-            // A clash of 32-bit ids is a 1-in-2^32 event per key: draw again.
-            let mut tries = 0;
-            loop {
-                match set.rotate(random_secret()?, unix_ms()) {
-                    Err(KeySetError::DuplicateId(_)) if tries < 8 => tries += 1,
-                    r => return Ok(r?),
-                }
-            }
+            let (next, id) = rotated(set)?;
+            *set = next;
+            Ok(id)
         })?;
         tracing::info!(key = %id, "rotated the signing key");
         Ok(self.info(id))
@@ -575,7 +648,11 @@ impl Keys {
     /// Retires key `id`; `(info, false)` if it was already retired.
     /// Blocking (writes and syncs the key file).
     pub fn retire(&self, id: KeyId) -> Result<(KeyInfo, bool), KeysError> {
-        let retired = self.change(|set| Ok(set.retire(id, unix_ms())?))?;
+        let retired = self.change(|set| {
+            let (next, retired) = retired(set, id)?;
+            *set = next;
+            Ok(retired)
+        })?;
         if retired {
             tracing::info!(key = %id, "retired a signing key");
         }
@@ -583,14 +660,7 @@ impl Keys {
     }
 
     fn info(&self, id: KeyId) -> KeyInfo {
-        let current = self.inner.current.read().clone();
-        let entry = current
-            .set
-            .entries()
-            .iter()
-            .find(|e| e.public.id() == id)
-            .expect("the key was just added or found");
-        KeyInfo::from(entry)
+        self.find(id).expect("the key was just added or found")
     }
 }
 

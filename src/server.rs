@@ -130,7 +130,8 @@ pub struct Opened {
     /// The lease table over its store (a single node) or over the
     /// replicated log (a cluster node).
     pub coordinator: Coordinator,
-    /// The keys that sign every lease's fence.
+    /// The keys that sign every lease's fence (in a cluster, the node's
+    /// copy of the replicated key set).
     pub keys: Keys,
     /// With [`ServerConfig::cluster`]: this node's place in the cluster.
     pub node: Option<crate::raft::Node>,
@@ -145,35 +146,28 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
     let data_dir_was_new = keys::data_dir_is_new(&config.data_dir);
     let mut options = config.coordinator.clone();
     options.store.metrics = config.metrics.store();
+    if config.cluster.is_none() && config.data_dir.join("raft").exists() {
+        // Its single-node store (if any) is older than the cluster's
+        // state: serving it would reuse tokens.
+        return Err(ServerError::ClusterDataDir(config.data_dir.clone()));
+    }
+    // First, as a cluster node's state machine takes on the cluster's key
+    // set as soon as it applies the log.
+    let keys = Keys::open(&config.data_dir, &config.keys, data_dir_was_new)?;
     let (coordinator, node) = match &config.cluster {
-        None => {
-            if config.data_dir.join("raft").exists() {
-                // Its single-node store (if any) is older than the cluster's
-                // state: serving it would reuse tokens.
-                return Err(ServerError::ClusterDataDir(config.data_dir.clone()));
-            }
-            (Coordinator::open(&config.data_dir, options)?, None)
-        }
+        None => (Coordinator::open(&config.data_dir, options)?, None),
         Some(cluster) => {
             let (node, coordinator) =
-                crate::raft::Node::start(&config.data_dir, cluster.clone(), options).await?;
+                crate::raft::Node::start(&config.data_dir, cluster.clone(), options, keys.clone())
+                    .await?;
             (coordinator, Some(node))
         }
     };
-    match Keys::open(&config.data_dir, &config.keys, data_dir_was_new) {
-        Ok(keys) => Ok(Opened {
-            coordinator,
-            keys,
-            node,
-        }),
-        Err(e) => {
-            coordinator.shutdown();
-            if let Some(node) = &node {
-                node.shutdown().await;
-            }
-            Err(e.into())
-        }
-    }
+    Ok(Opened {
+        coordinator,
+        keys,
+        node,
+    })
 }
 
 /// Serves an opened coordinator on `listener` until `shutdown` resolves.
@@ -221,9 +215,13 @@ pub async fn serve(
         lease_api = lease_api.without_signing();
     }
     let lease_service = LeaseServiceServer::new(lease_api).max_decoding_message_size(max_bytes);
+    let mut admin_api = AdminApi::new(coordinator.clone()).with_keys(keys);
+    if let Some(node) = &node {
+        // Key changes go through the log.
+        admin_api = admin_api.with_node(node.clone());
+    }
     let admin_service = InterceptedService::new(
-        AdminServiceServer::new(AdminApi::new(coordinator.clone()).with_keys(keys))
-            .max_decoding_message_size(max_bytes),
+        AdminServiceServer::new(admin_api).max_decoding_message_size(max_bytes),
         gate,
     );
     // A single node serves the services as they are; a cluster node
@@ -234,7 +232,12 @@ pub async fn serve(
     let (lease_service, admin_service, cluster) = match cluster {
         None => (Some(lease_service), Some(admin_service), None),
         Some(mut c) => {
-            c.lease = Some(Forward::new(lease_service, c.node.clone()));
+            // PublicKeys answers from this node's copy of the cluster's
+            // key set once it has one (before that, from the leader's).
+            c.lease = Some(
+                Forward::new(lease_service, c.node.clone())
+                    .local_when(&[PUBLIC_KEYS], crate::raft::Node::has_key_set),
+            );
             c.admin = Some(Forward::new(admin_service, c.node.clone()));
             (None, None, Some(c))
         }
@@ -284,6 +287,9 @@ pub async fn serve(
     tracing::info!("stopped");
     result.map_err(ServerError::from)
 }
+
+/// LeaseService's PublicKeys method.
+const PUBLIC_KEYS: &str = "/leasehold.v1.LeaseService/PublicKeys";
 
 type AdminServer = InterceptedService<AdminServiceServer<AdminApi>, AdminGate>;
 

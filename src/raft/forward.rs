@@ -6,7 +6,10 @@
 //! uses, and relays the answer. One hop only: a forwarded request carries
 //! `x-leasehold-forwarded`, and a node that receives one without deciding
 //! answers UNAVAILABLE instead of forwarding again. With no leader known
-//! within the wait, the answer is UNAVAILABLE.
+//! within the wait, the answer is UNAVAILABLE. Some calls are answered by
+//! every node ([`Forward::local`]: ClusterService's Status), or by every
+//! node in a given state ([`Forward::local_when`]: PublicKeys once the node
+//! holds the cluster's key set).
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -34,6 +37,8 @@ pub struct Forward<S> {
     inner: S,
     node: Node,
     local: &'static [&'static str],
+    local_when: &'static [&'static str],
+    when: fn(&Node) -> bool,
 }
 
 impl<S> Forward<S> {
@@ -43,12 +48,22 @@ impl<S> Forward<S> {
             inner,
             node,
             local: &[],
+            local_when: &[],
+            when: |_| false,
         }
     }
 
     /// Serves these paths (`/package.Service/Method`) on every node.
     pub fn local(mut self, paths: &'static [&'static str]) -> Self {
         self.local = paths;
+        self
+    }
+
+    /// Serves these paths on every node for which `when` holds (and
+    /// forwards them from the others).
+    pub fn local_when(mut self, paths: &'static [&'static str], when: fn(&Node) -> bool) -> Self {
+        self.local_when = paths;
+        self.when = when;
         self
     }
 }
@@ -82,7 +97,8 @@ where
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let mut inner = self.inner.clone();
         let node = self.node.clone();
-        if self.local.contains(&req.uri().path()) {
+        let path = req.uri().path();
+        if self.local.contains(&path) || (self.local_when.contains(&path) && (self.when)(&node)) {
             return Box::pin(async move { Ok(inner.call(req).await?.map(Body::new)) });
         }
         Box::pin(async move {

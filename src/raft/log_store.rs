@@ -20,6 +20,9 @@
 //!
 //! Entries are kept in memory between snapshots: openraft purges them once
 //! a snapshot covers them (see [`node`](super::node) for the policy).
+//!
+//! The file is created with mode 0600: a `Keys` entry carries the signing
+//! key's secret.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -117,7 +120,17 @@ impl LogStore {
         }
         let mut inner = Inner {
             path: path.clone(),
-            file: OpenOptions::new().create(true).append(true).open(&path)?,
+            file: {
+                let mut o = OpenOptions::new();
+                o.create(true).append(true);
+                // Entries may carry the signing key's secret (`Request::Keys`).
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::OpenOptionsExt;
+                    o.mode(0o600);
+                }
+                o.open(&path)?
+            },
             entries: BTreeMap::new(),
             vote: None,
             committed: None,
@@ -220,7 +233,7 @@ impl Inner {
             frame(&LogOp::Append(chunk.to_vec()), &mut buf)?;
             records += 1;
         }
-        let mut f = File::create(&tmp)?;
+        let mut f = super::private_file(&tmp)?;
         f.write_all(&buf)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;

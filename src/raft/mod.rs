@@ -10,10 +10,14 @@
 //! [`Applied`](state_machine::Applied), the same records a single node
 //! keeps on disk; a node that becomes leader appends a `Promote` entry and,
 //! once it is applied, rebuilds its table from that state with every lease
-//! given its full TTL from the promotion, as a restart does.
+//! given its full TTL from the promotion, as a restart does. The signing
+//! keys are cluster state too (`Keys` entries): a new leader takes on the
+//! applied key set (or, if there is none yet, proposes its own) before it
+//! decides, so whichever node leads signs with the same keys.
 //!
 //! - [`log_store`]: the Raft log, an append-only file of our own (fsync per append).
-//! - [`state_machine`]: the applied state, its snapshots (a file) and the epoch check.
+//! - [`state_machine`]: the applied state (the signing keys included), its
+//!   snapshots (a file) and the epoch check.
 //! - [`network`]: the Raft RPCs over tonic, both ends.
 //! - [`node`]: starting a node, forming the cluster, promotion and demotion,
 //!   the proposer that batches the coordinator's jobs into entries, and the
@@ -72,6 +76,49 @@ pub enum Request {
         /// In the order the table made them.
         changes: Vec<wire::WireChange>,
     },
+    /// The cluster's signing keys from now on: every node takes them on
+    /// when the entry is applied. Applies only if the key set in force is
+    /// still the one this set was made from, so two changes proposed at
+    /// once never lose a key.
+    Keys {
+        /// The whole set ([`KeySet::encode`](crate::keys::KeySet::encode)),
+        /// the signing key's secret included.
+        text: KeyText,
+        /// The index of the entry that set the keys this set was made from;
+        /// 0: the cluster has none yet (a new leader's own keys).
+        base: u64,
+    },
+}
+
+/// Creates (or truncates) `path` for writing, readable by its owner only:
+/// the Raft log and snapshots hold the signing key's secret.
+/// Meant for temporary files that are renamed into place: one left over
+/// from an older version is removed first, as it would keep its mode.
+pub(crate) fn private_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o.open(path)
+}
+
+/// A key set's text form in the log and the applied state. It holds a
+/// secret, so its `Debug` shows only its length.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KeyText(pub String);
+
+impl std::fmt::Debug for KeyText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyText({} bytes, secret)", self.0.len())
+    }
 }
 
 /// What applying an entry gave.
@@ -92,5 +139,22 @@ pub enum Response {
         epoch: u64,
         /// The epoch in force.
         current: u64,
+    },
+    /// The key set is in force from here (this entry's log index).
+    KeysSet {
+        /// The entry's index, the base of the next change.
+        index: u64,
+    },
+    /// The key set was made from one no longer in force: ignored.
+    KeysStale {
+        /// The base the entry carried.
+        base: u64,
+        /// The index of the entry that set the keys in force.
+        current: u64,
+    },
+    /// The key set's text is not a key set: ignored.
+    KeysRefused {
+        /// Why.
+        why: String,
     },
 }

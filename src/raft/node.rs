@@ -13,6 +13,11 @@
 //!   the node starts deciding. When it stops leading, or a write of its
 //!   epoch fails or times out (its outcome is then unknown), the coordinator
 //!   is demoted and, if still leader, promoted again from the log.
+//! - **Keys.** Before a promoted node decides anything, it takes on the
+//!   cluster's key set from the applied state; if the cluster has none yet
+//!   (its first leader), it proposes its own first. So whichever node leads
+//!   signs with the replicated set. [`Node::change_keys`] runs `keys
+//!   rotate` / `retire` through the log.
 //! - **Proposer.** The coordinator's jobs (queued in table order) are
 //!   batched into entries, one per epoch run, sent with `client_write_ff`
 //!   without waiting (so entries pipeline), and answered in log order by the
@@ -40,9 +45,11 @@ use super::log_store::LogStore;
 use super::network::{Channels, Network};
 use super::state_machine::{Applied, StateMachine};
 use super::wire::to_wire;
+use super::KeyText;
 use super::{NodeId, Raft, Request, Response, TypeConfig};
 use crate::commit::{Durable, Job, Reply};
 use crate::coordinator::{Config, Coordinator, CoordinatorError, Replicated};
+use crate::keys::{KeySet, Keys, KeysError};
 use crate::store::StoreError;
 
 /// How a node joins and paces the cluster.
@@ -207,6 +214,10 @@ struct Shared {
     unreachable: Mutex<Option<(String, Instant)>>,
     /// Times this node has seen a new leader (for `/metrics`).
     leader_changes: std::sync::atomic::AtomicU64,
+    /// The node's signing keys (the state machine keeps them in step with the log).
+    keys: Keys,
+    /// Serialises key changes on this node.
+    key_change: tokio::sync::Mutex<()>,
 }
 
 /// Where a call for LeaseService or AdminService should go.
@@ -231,11 +242,14 @@ struct Pending {
 impl Node {
     /// Opens the node's Raft data in `data_dir`, starts openraft and the
     /// coordinator, and (unless joining) initializes the cluster with
-    /// `--peers` when the node is fresh. Must run inside a tokio runtime.
+    /// `--peers` when the node is fresh. `keys` take on every key set the
+    /// log applies, and are the cluster's first if it has none. Must run
+    /// inside a tokio runtime.
     pub async fn start(
         data_dir: &Path,
         config: ClusterConfig,
         coordinator: Config,
+        keys: Keys,
     ) -> Result<(Node, Coordinator), NodeError> {
         if !config.join && !config.peers.contains_key(&config.node_id) {
             return Err(NodeError::NotAMember(config.node_id));
@@ -260,7 +274,7 @@ impl Node {
             None
         };
         let log_store = LogStore::open(&dir).map_err(storage)?;
-        let sm = StateMachine::open(&dir).map_err(storage)?;
+        let sm = StateMachine::open(&dir, Some(keys.clone())).map_err(storage)?;
         let applied = sm.applied();
         if let Some(loaded) = &imported {
             applied.lock().import(loaded);
@@ -325,6 +339,8 @@ impl Node {
             import_pending: std::sync::atomic::AtomicBool::new(imported.is_some()),
             unreachable: Mutex::new(None),
             leader_changes: std::sync::atomic::AtomicU64::new(0),
+            keys,
+            key_change: tokio::sync::Mutex::new(()),
         });
         let _ = shared.coordinator.set(coordinator.clone());
         let node = Node { shared };
@@ -642,17 +658,68 @@ impl Node {
         }
     }
 
-    async fn promote(&self, coordinator: &Coordinator) -> Result<(), String> {
-        let write = self.shared.raft.client_write(Request::Promote {
-            node: self.shared.id,
-        });
+    /// Appends `request` and waits (up to the commit timeout) until it is
+    /// applied here.
+    async fn write(&self, request: Request) -> Result<Response, String> {
+        let write = self.shared.raft.client_write(request);
         let resp = tokio::time::timeout(self.shared.config.commit_timeout, write)
             .await
-            .map_err(|_| "the Promote entry was not committed in time".to_owned())?
+            .map_err(|_| {
+                format!(
+                    "not committed within {:?}: the cluster may have lost its majority",
+                    self.shared.config.commit_timeout
+                )
+            })?
             .map_err(|e| e.to_string())?;
-        let Response::Promoted { epoch } = resp.data else {
-            return Err(format!("unexpected answer to Promote: {:?}", resp.data));
+        Ok(resp.data)
+    }
+
+    /// The applied key set, if the epoch is still `epoch`.
+    fn applied_keys(&self, epoch: u64) -> Result<Option<KeySet>, String> {
+        let applied = self.shared.applied.lock();
+        if applied.epoch != epoch {
+            return Err("another leader took over meanwhile".into());
+        }
+        Ok(applied.key_set().map(|(set, _)| set))
+    }
+
+    async fn promote(&self, coordinator: &Coordinator) -> Result<(), String> {
+        let resp = self
+            .write(Request::Promote {
+                node: self.shared.id,
+            })
+            .await
+            .map_err(|e| format!("the Promote entry failed: {e}"))?;
+        let Response::Promoted { epoch } = resp else {
+            return Err(format!("unexpected answer to Promote: {resp:?}"));
         };
+        // Whichever node leads signs with the cluster's key set: a cluster
+        // without one yet (its first leader) takes this node's own.
+        let set = match self.applied_keys(epoch)? {
+            Some(set) => set,
+            None => {
+                let text = KeyText(self.shared.keys.set().encode());
+                let resp = self
+                    .write(Request::Keys { text, base: 0 })
+                    .await
+                    .map_err(|e| format!("proposing this node's keys failed: {e}"))?;
+                if !matches!(resp, Response::KeysSet { .. } | Response::KeysStale { .. }) {
+                    return Err(format!("unexpected answer to Keys: {resp:?}"));
+                }
+                tracing::info!(signing = %self.shared.keys.set().signer().id(), "this node's keys are the cluster's key set");
+                self.applied_keys(epoch)?
+                    .ok_or("the cluster's key set is unreadable")?
+            }
+        };
+        // The state machine took it on when it was applied; this covers a
+        // key file that differs from the log (restored from a backup).
+        let keys = self.shared.keys.clone();
+        let adopted = tokio::task::spawn_blocking(move || keys.adopt(set))
+            .await
+            .map_err(|e| format!("taking on the key set failed: {e}"))?;
+        if let Err(e) = adopted {
+            tracing::error!(error = %e, "the cluster's key set signs but is not in the key file");
+        }
         let loaded = {
             let applied = self.shared.applied.lock();
             if applied.epoch != epoch {
@@ -662,6 +729,55 @@ impl Node {
         };
         coordinator.promote(epoch, loaded);
         Ok(())
+    }
+
+    /// Whether this node's keys are the cluster's key set as it has applied
+    /// it. Not yet on a fresh or joining node (its keys are its own), nor
+    /// on a restarted one whose key file is newer than its snapshot until it
+    /// has applied the log again.
+    pub fn has_key_set(&self) -> bool {
+        let applied = self.shared.applied.lock().keys.clone();
+        applied.is_some_and(|text| text.0 == self.shared.keys.set().encode())
+    }
+
+    /// Changes the cluster's signing keys (`keys rotate` / `retire`):
+    /// `change` makes the next set from the one in force, the set goes
+    /// through the log, and the answer comes once it is applied here, so
+    /// this node (the leader) already signs with it. One change at a time;
+    /// a change that raced another one (on another leader) is refused as
+    /// [`KeysError::Raced`]. Leader only.
+    pub async fn change_keys<T>(
+        &self,
+        change: impl FnOnce(&KeySet) -> Result<(KeySet, T), KeysError>,
+    ) -> Result<T, KeysError> {
+        let _one_at_a_time = self.shared.key_change.lock().await;
+        if !self.coordinator().is_ready() {
+            return Err(KeysError::NotReplicated(
+                "this node is not the leader, or is still taking over".into(),
+            ));
+        }
+        let Some((current, base)) = self.shared.applied.lock().key_set() else {
+            return Err(KeysError::NotReplicated(
+                "the cluster has no key set yet".into(),
+            ));
+        };
+        let (next, out) = change(&current)?;
+        if next == current {
+            // Retiring a retired key: nothing to replicate.
+            return Ok(out);
+        }
+        let text = KeyText(next.encode());
+        match self
+            .write(Request::Keys { text, base })
+            .await
+            .map_err(KeysError::NotReplicated)?
+        {
+            Response::KeysSet { .. } => Ok(out),
+            Response::KeysStale { .. } => Err(KeysError::Raced),
+            other => Err(KeysError::NotReplicated(format!(
+                "unexpected answer: {other:?}"
+            ))),
+        }
     }
 
     /// Times this node has seen a new leader since it started.

@@ -9,10 +9,16 @@
 //! part ways. Applying is deterministic: it reads no clock and draws
 //! nothing.
 //!
+//! The applied state also holds the cluster's signing keys (the last
+//! `Keys` entry, or a snapshot's). [`StateMachine`] hands each new set to
+//! the node's [`Keys`] once the entries of a batch are applied (and after
+//! installing a snapshot), so every node signs and serves the set the log
+//! says, and its key file holds it for the next start.
+//!
 //! The applied state lives in memory; a snapshot is its JSON in one file
-//! (`DATA_DIR/raft-snapshot`, written to a temporary file, synced and
-//! renamed). A restart loads the snapshot and openraft re-applies the log
-//! after it.
+//! (`DATA_DIR/raft/raft-snapshot`, mode 0600 as it holds the signing key's
+//! secret, written to a temporary file, synced and renamed). A restart
+//! loads the snapshot and openraft re-applies the log after it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Cursor, Write};
@@ -28,7 +34,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{WireChange, WireRecord, WireRequest};
-use super::{NodeId, Request, Response, TypeConfig};
+use super::{KeyText, NodeId, Request, Response, TypeConfig};
+use crate::keys::{KeySet, Keys};
 use crate::store::Loaded;
 
 /// Everything the committed log says, up to `last_applied`.
@@ -46,6 +53,13 @@ pub struct Applied {
     pub leases: BTreeMap<String, WireRecord>,
     /// Idempotency keys.
     pub requests: HashMap<String, WireRequest>,
+    /// The cluster's signing keys; `None` until the first leader proposes
+    /// its own (snapshots from before replicated keys have none).
+    #[serde(default)]
+    pub keys: Option<KeyText>,
+    /// The index of the entry that set `keys` (0: none yet).
+    #[serde(default)]
+    pub keys_index: u64,
 }
 
 impl Applied {
@@ -65,6 +79,31 @@ impl Applied {
                     self.apply_change(change);
                 }
                 Response::Applied
+            }
+            Request::Keys { base, .. } if *base != self.keys_index => Response::KeysStale {
+                base: *base,
+                current: self.keys_index,
+            },
+            Request::Keys { text, .. } => match KeySet::decode(&text.0) {
+                Ok(_) => {
+                    self.keys = Some(text.clone());
+                    self.keys_index = index;
+                    Response::KeysSet { index }
+                }
+                Err(e) => Response::KeysRefused { why: e.to_string() },
+            },
+        }
+    }
+
+    /// The cluster's key set and the index of the entry that set it.
+    pub fn key_set(&self) -> Option<(KeySet, u64)> {
+        let text = self.keys.as_ref()?;
+        match KeySet::decode(&text.0) {
+            Ok(set) => Some((set, self.keys_index)),
+            Err(e) => {
+                // Checked when applied: only a damaged snapshot gets here.
+                tracing::error!(error = %e, "the applied key set is unreadable");
+                None
             }
         }
     }
@@ -176,6 +215,8 @@ pub struct StateMachine {
     path: PathBuf,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
     built: Arc<std::sync::atomic::AtomicU64>,
+    /// The node's signing keys, which take on every applied key set.
+    keys: Option<Keys>,
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -186,7 +227,8 @@ fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 
 impl StateMachine {
     /// Opens the state machine in `dir`, starting from its snapshot if any.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    /// Each key set applied from then on is handed to `keys`.
+    pub fn open(dir: &Path, keys: Option<Keys>) -> std::io::Result<Self> {
         let path = dir.join("raft-snapshot");
         let mut applied = Applied::default();
         let mut current = None;
@@ -209,7 +251,21 @@ impl StateMachine {
             path,
             current: Arc::new(Mutex::new(current)),
             built: Arc::default(),
+            keys,
         })
+    }
+
+    /// Hands the applied key set to the node's keys (file I/O when it is new).
+    fn adopt(&self, text: &KeyText) {
+        let Some(keys) = &self.keys else { return };
+        match KeySet::decode(&text.0) {
+            Ok(set) => {
+                if let Err(e) = keys.adopt(set) {
+                    tracing::error!(error = %e, "the cluster's key set is in force but not in the key file; it is taken on again at the next start");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "the applied key set is unreadable"),
+        }
     }
 
     /// The applied state, shared with the node (it reads it at promotion).
@@ -220,7 +276,7 @@ impl StateMachine {
     fn save(&self, snapshot: &StoredSnapshot) -> std::io::Result<()> {
         let meta = serde_json::to_vec(&snapshot.meta).map_err(std::io::Error::other)?;
         let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = super::private_file(&tmp)?;
         f.write_all(&(meta.len() as u32).to_le_bytes())?;
         f.write_all(&meta)?;
         f.write_all(&snapshot.data)?;
@@ -280,18 +336,29 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut applied = self.applied.lock();
         let mut out = Vec::new();
-        for entry in entries {
-            applied.last_applied = Some(entry.log_id);
-            out.push(match &entry.payload {
-                EntryPayload::Blank => Response::Noop,
-                EntryPayload::Normal(request) => applied.apply(entry.log_id.index, request),
-                EntryPayload::Membership(m) => {
-                    applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    Response::Noop
+        let mut new_keys = None;
+        {
+            let mut applied = self.applied.lock();
+            for entry in entries {
+                applied.last_applied = Some(entry.log_id);
+                out.push(match &entry.payload {
+                    EntryPayload::Blank => Response::Noop,
+                    EntryPayload::Normal(request) => applied.apply(entry.log_id.index, request),
+                    EntryPayload::Membership(m) => {
+                        applied.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        Response::Noop
+                    }
+                });
+                if matches!(out.last(), Some(Response::KeysSet { .. })) {
+                    new_keys = applied.keys.clone();
                 }
-            });
+            }
+        }
+        // Before openraft answers the proposer: a rotation is answered once
+        // the leader signs with the new key.
+        if let Some(text) = new_keys {
+            self.adopt(&text);
         }
         Ok(out)
     }
@@ -320,8 +387,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             data,
         };
         self.save(&stored).map_err(sm_err)?;
+        let keys = state.keys.clone();
         *self.applied.lock() = state;
         *self.current.lock() = Some(stored);
+        if let Some(text) = keys {
+            self.adopt(&text);
+        }
         Ok(())
     }
 
@@ -442,16 +513,120 @@ mod tests {
         assert_eq!(loaded.last_token, 3);
     }
 
+    fn keys_entry(set: &KeySet, base: u64) -> Request {
+        Request::Keys {
+            text: KeyText(set.encode()),
+            base,
+        }
+    }
+
+    /// A key set applies only on the base it was made from.
+    #[test]
+    fn a_key_set_applies_only_on_its_base() {
+        let first = KeySet::new([1; 32], 10);
+        let mut second = first.clone();
+        second.rotate([2; 32], 20).unwrap();
+        let mut third = first.clone();
+        third.rotate([3; 32], 30).unwrap();
+        let garbage = Request::Keys {
+            text: KeyText("not a key set".into()),
+            base: 4,
+        };
+        let mut s = Applied::default();
+        let cases: Vec<(u64, Request, &str, Option<&KeySet>, u64)> = vec![
+            // (index, request, response, key set in force, its index)
+            (1, Request::Promote { node: 1 }, "Promoted", None, 0),
+            (2, keys_entry(&first, 0), "KeysSet", Some(&first), 2),
+            // A second leader's own keys: the cluster has a set already.
+            (3, keys_entry(&third, 0), "KeysStale", Some(&first), 2),
+            (4, keys_entry(&second, 2), "KeysSet", Some(&second), 4),
+            // Made from the first set, which is no longer in force.
+            (5, keys_entry(&third, 2), "KeysStale", Some(&second), 4),
+            (6, garbage, "KeysRefused", Some(&second), 4),
+        ];
+        for (index, request, want, set, at) in cases {
+            let got = s.apply(index, &request);
+            assert!(format!("{got:?}").starts_with(want), "{index}: {got:?}");
+            assert_eq!(s.key_set(), set.map(|set| (set.clone(), at)), "{index}");
+        }
+        // The secret never shows in a debug print.
+        let secret_free = format!("{:?} {:?}", s, keys_entry(&second, 4));
+        assert!(!secret_free.contains("secret:"), "{secret_free}");
+    }
+
+    /// Applying a key set (from the log or a snapshot) hands it to the
+    /// node's keys, which write it to the key file.
+    #[tokio::test]
+    async fn applied_keys_are_taken_on_and_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let options = crate::keys::KeyOptions::default();
+        let keys = Keys::open(&data, &options, true).unwrap();
+        let mut cluster = KeySet::new([7; 32], 10);
+        std::fs::create_dir_all(dir.path().join("raft")).unwrap();
+        let mut sm = StateMachine::open(&dir.path().join("raft"), Some(keys.clone())).unwrap();
+        let entry = |index, request| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(request),
+        };
+        let out = sm
+            .apply(vec![
+                entry(1, Request::Promote { node: 1 }),
+                entry(2, keys_entry(&cluster, 0)),
+            ])
+            .await
+            .unwrap();
+        assert!(matches!(out[1], Response::KeysSet { index: 2 }), "{out:?}");
+        assert_eq!(keys.set(), cluster);
+        let reopened = Keys::open(&data, &options, false).unwrap();
+        assert_eq!(reopened.set(), cluster);
+
+        // A node that catches up from a snapshot gets the keys in it.
+        cluster.rotate([8; 32], 20).unwrap();
+        sm.applied.lock().apply(3, &keys_entry(&cluster, 2));
+        let snap = sm.build_snapshot().await.unwrap();
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_keys = Keys::open(&other_dir.path().join("data"), &options, true).unwrap();
+        std::fs::create_dir_all(other_dir.path().join("raft")).unwrap();
+        let mut other =
+            StateMachine::open(&other_dir.path().join("raft"), Some(other_keys.clone())).unwrap();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other_keys.set(), cluster);
+        assert_eq!(other.applied.lock().key_set(), Some((cluster.clone(), 3)));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let snapshot = other_dir.path().join("raft/raft-snapshot");
+            let mode = std::fs::metadata(snapshot).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    /// A snapshot written before key sets were replicated still loads.
+    #[test]
+    fn a_snapshot_without_keys_still_loads() {
+        let mut old = serde_json::to_value(Applied::default()).unwrap();
+        let map = old.as_object_mut().unwrap();
+        map.remove("keys");
+        map.remove("keys_index");
+        let applied: Applied = serde_json::from_value(old).unwrap();
+        assert_eq!(applied.key_set(), None);
+        assert_eq!(applied.keys_index, 0);
+    }
+
     #[tokio::test]
     async fn a_snapshot_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let mut sm = StateMachine::open(dir.path(), None).unwrap();
         sm.applied.lock().apply(1, &Request::Promote { node: 1 });
         sm.applied
             .lock()
             .apply(2, &changes(1, vec![WireChange::Granted(record("a", 7, 1))]));
         let snap = sm.build_snapshot().await.unwrap();
-        let mut again = StateMachine::open(dir.path()).unwrap();
+        let mut again = StateMachine::open(dir.path(), None).unwrap();
         assert_eq!(again.applied.lock().last_token, 7);
         let current = again.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, snap.meta);

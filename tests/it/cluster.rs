@@ -1019,3 +1019,163 @@ async fn try_acquire_retrying(
         }
     }
 }
+
+/// Every node's PublicKeys answer (each answers from its own copy of the
+/// cluster's key set once it has one), or `None` for a node that does not
+/// answer within 500 ms.
+async fn public_keys(url: &str) -> Option<Vec<proto::PublicKey>> {
+    let mut client = lease_client(url);
+    let call = client.public_keys(proto::PublicKeysRequest {});
+    match tokio::time::timeout(Duration::from_millis(500), call).await {
+        Ok(Ok(r)) => Some(r.into_inner().keys),
+        _ => None,
+    }
+}
+
+/// The id of the key that signs in `keys`.
+fn signing_id(keys: &[proto::PublicKey]) -> String {
+    let signing: Vec<&proto::PublicKey> = keys
+        .iter()
+        .filter(|k| k.status == proto::KeyStatus::Signing as i32)
+        .collect();
+    assert_eq!(signing.len(), 1, "{keys:?}");
+    signing[0].key_id.clone()
+}
+
+/// Waits until every node in `among` answers PublicKeys with the same set
+/// whose signing key satisfies `signing`, and returns that set.
+async fn same_keys(
+    urls: &[String],
+    among: &[usize],
+    signing: impl Fn(&str) -> bool,
+    within: Duration,
+) -> Vec<proto::PublicKey> {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut seen = Vec::new();
+        for &i in among {
+            seen.push(public_keys(&urls[i]).await);
+        }
+        if let Some(Some(first)) = seen.first() {
+            let agreed = seen.iter().all(|s| s.as_ref() == Some(first));
+            if agreed && signing(&signing_id(first)) {
+                return first.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes {among:?} did not agree on the key set within {within:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The signing key's id in node `i`'s key file (what a restart loads).
+fn signing_in_file(c: &Cluster, i: usize) -> String {
+    let path = c
+        .dir
+        .path()
+        .join(format!("n{}", i + 1))
+        .join(leasehold::keys::KEY_FILE);
+    let text = std::fs::read_to_string(&path).expect("key file");
+    let set = leasehold::keys::KeySet::decode(&text).expect("a key set");
+    set.signer().id().to_string()
+}
+
+/// Waits until the key file of every node in `among` has `id` signing.
+async fn files_sign_with(c: &Cluster, among: &[usize], id: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let files: Vec<String> = among.iter().map(|&i| signing_in_file(c, i)).collect();
+        if files.iter().all(|f| f == id) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key files of {among:?} sign with {files:?}, not {id}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Issue 17 in a cluster: the key set is replicated state. Every node
+/// answers PublicKeys with the same set; fences granted before and after
+/// kill -9 of the leader verify with the set fetched before, under the same
+/// key id; `keys rotate` through a follower reaches every node (and its key
+/// file) within seconds, the new leader signs with the new key, and a
+/// node restarted afterwards, or down during the rotation, has it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cluster_signs_with_one_replicated_key_set() {
+    let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms"];
+    let mut c = Cluster::start(3, &flags).await;
+    let all = [0, 1, 2];
+    let leader = c.leader(Duration::from_secs(5)).await;
+    let keys = same_keys(&c.urls, &all, |_| true, Duration::from_secs(5)).await;
+    let first_id = signing_id(&keys);
+    let verifier = leasehold::cli::keys::verifier(&keys).expect("valid keys");
+    // The followers took on the first leader's keys, in memory and on disk.
+    files_sign_with(&c, &all, &first_id, Duration::from_secs(3)).await;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let log = c.dir.path().join("n1/raft/raft-log");
+        let mode = std::fs::metadata(log).expect("log").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the Raft log holds the secret");
+    }
+
+    let mut direct = lease_client(&c.urls[leader]);
+    let before = grant(&mut direct, acquire_req("keys/before", "w", 60_000)).await;
+    c.node(leader).kill9();
+    let others: Vec<usize> = all.iter().copied().filter(|&i| i != leader).collect();
+    let new = c.leader_among(&others, Duration::from_secs(5)).await;
+    let follower = others.iter().copied().find(|&i| i != new).expect("third");
+    let after = grant(
+        &mut lease_client(&c.urls[follower]),
+        acquire_req("keys/after", "w", 60_000),
+    )
+    .await;
+    for (lease, resource) in [(&before, "keys/before"), (&after, "keys/after")] {
+        let verified = verifier
+            .verify(&lease.signed_fence, resource)
+            .unwrap_or_else(|e| panic!("{resource}: {e}"));
+        assert_eq!(verified.key_id.to_string(), first_id, "{resource}");
+        assert_eq!(verified.token, lease.token, "{resource}");
+    }
+
+    // `keys rotate` through a follower: committed, then on every live node.
+    let out = run_cli(&["keys", "rotate", "--server", &c.urls[follower]], &[]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let rotated = same_keys(
+        &c.urls,
+        &others,
+        |id| id != first_id,
+        Duration::from_secs(3),
+    )
+    .await;
+    let new_id = signing_id(&rotated);
+    assert!(out.stdout.contains(&new_id), "{}", out.stdout);
+    files_sign_with(&c, &others, &new_id, Duration::from_secs(3)).await;
+    let signed = grant(
+        &mut lease_client(&c.urls[new]),
+        acquire_req("keys/rotated", "w", 60_000),
+    )
+    .await;
+    let new_verifier = leasehold::cli::keys::verifier(&rotated).expect("valid keys");
+    let verified = new_verifier
+        .verify(&signed.signed_fence, "keys/rotated")
+        .expect("signed with the rotated key");
+    assert_eq!(verified.key_id.to_string(), new_id);
+    // The old key still verifies (active, not retired).
+    assert!(new_verifier
+        .verify(&after.signed_fence, "keys/after")
+        .is_ok());
+
+    // A follower restarted afterwards still has it; the node that was down
+    // during the rotation catches up to it.
+    c.node(follower).kill9();
+    c.spawn(follower);
+    c.spawn(leader);
+    let back = same_keys(&c.urls, &all, |id| id == new_id, Duration::from_secs(5)).await;
+    assert_eq!(back, rotated);
+    files_sign_with(&c, &all, &new_id, Duration::from_secs(5)).await;
+}
