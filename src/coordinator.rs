@@ -244,8 +244,20 @@ impl Coordinator {
             path: data_dir.to_owned(),
             source,
         })?;
+        Ok(Self::start(
+            table,
+            Backend::Local { committer, store },
+            true,
+            config,
+        ))
+    }
+
+    /// Builds the coordinator around `table` and starts its timer and
+    /// orphan tasks. `ready`: whether it decides from the start.
+    fn start(table: LeaseTable, backend: Backend, ready: bool, config: Config) -> Self {
         let (orphans, orphan_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(WATCH_BUFFER);
+        let clock = config.clock;
         let shared = Arc::new(Core {
             inner: Mutex::new(Inner {
                 table,
@@ -253,8 +265,8 @@ impl Coordinator {
                 sequence: 0,
                 epoch: 0,
             }),
-            backend: Backend::Local { committer, store },
-            ready: std::sync::atomic::AtomicBool::new(true),
+            backend,
+            ready: std::sync::atomic::AtomicBool::new(ready),
             config,
             clock,
             timer_at: AtomicU64::new(u64::MAX),
@@ -266,7 +278,7 @@ impl Coordinator {
         let coordinator = Coordinator { shared };
         tokio::spawn(coordinator.clone().run_timer());
         tokio::spawn(coordinator.clone().run_orphans(orphan_rx));
-        Ok(coordinator)
+        coordinator
     }
 
     /// The configured bounds (for validating requests at the edge).
@@ -292,30 +304,8 @@ impl Coordinator {
     /// nothing until [`Coordinator::promote`] (the node became leader and
     /// its `Promote` entry is applied). Must run inside a tokio runtime.
     pub fn open_replicated(log: Arc<dyn Replicated>, config: Config) -> Self {
-        let (orphans, orphan_rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(WATCH_BUFFER);
-        let clock = config.clock;
-        let shared = Arc::new(Core {
-            inner: Mutex::new(Inner {
-                table: LeaseTable::new(config.limits, 0),
-                waiters: HashMap::new(),
-                sequence: 0,
-                epoch: 0,
-            }),
-            backend: Backend::Replicated(log),
-            ready: std::sync::atomic::AtomicBool::new(false),
-            config,
-            clock,
-            timer_at: AtomicU64::new(u64::MAX),
-            timer: Notify::new(),
-            orphans,
-            events,
-            shutdown: CancellationToken::new(),
-        });
-        let coordinator = Coordinator { shared };
-        tokio::spawn(coordinator.clone().run_timer());
-        tokio::spawn(coordinator.clone().run_orphans(orphan_rx));
-        coordinator
+        let table = LeaseTable::new(config.limits, 0);
+        Self::start(table, Backend::Replicated(log), false, config)
     }
 
     /// Whether this node decides (always on a single node).

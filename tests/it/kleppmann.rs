@@ -151,13 +151,7 @@ async fn paused_worker_scenario(signed: bool, postgres: Option<&str>) -> u64 {
 
     // The store holds worker 2's value.
     let mut kv = FencedKvClient::connect(store.url()).await.unwrap();
-    let got = kv
-        .get(GetRequest {
-            key: "invoice-7".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = invoice(&mut kv).await;
     assert_eq!(got.value, b"from worker 2");
     assert_eq!(got.token, n2);
 
@@ -171,14 +165,20 @@ async fn paused_worker_scenario(signed: bool, postgres: Option<&str>) -> u64 {
         leasehold_guard::fencing::attach(&mut req, "orders", n2 + 1).unwrap();
         let status = kv.put(req).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-        let got = kv
-            .get(GetRequest {
-                key: "invoice-7".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let got = invoice(&mut kv).await;
         assert_eq!(got.token, n2);
     }
     n2
+}
+
+/// What the store holds under the scene's key.
+async fn invoice(
+    kv: &mut FencedKvClient<tonic::transport::Channel>,
+) -> leasehold_guard::proto::GetResponse {
+    kv.get(GetRequest {
+        key: "invoice-7".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }
