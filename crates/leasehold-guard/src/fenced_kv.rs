@@ -63,7 +63,6 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -328,13 +327,7 @@ pub async fn serve_service(
 ) -> Result<(), FencedKvError> {
     let guard = service.guard().clone();
     // Small request/response frames: do not let Nagle hold them back.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!("fenced store serving");
     let served = tonic::transport::Server::builder()
         .add_service(service.into_server())

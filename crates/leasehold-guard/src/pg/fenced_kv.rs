@@ -15,7 +15,6 @@ use std::future::Future;
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_postgres::types::Type;
-use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
@@ -174,13 +173,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FencedKvError> {
     let service = PgFencedKvService::open(url).await?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        })
-    });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!("fenced store serving, data in PostgreSQL");
     tonic::transport::Server::builder()
         .add_service(service.into_server())
