@@ -3,9 +3,10 @@
 //! fail), are unit tests of the example (`examples/chaos/check.rs`), which
 //! `cargo test` runs because the example is declared with `test = true`.
 //!
-//! A test binary of its own: the run loads both cores for ~25 s, and cargo
-//! runs test binaries one after another, so the timing-sensitive tests in
-//! `tests/it` never share the machine with it.
+//! Two runs: one coordinator (32 s) and a three-node cluster (40 s), one
+//! after the other. A test binary of its own: a run loads both cores, and
+//! cargo runs test binaries one after another, so the timing-sensitive
+//! tests in `tests/it` never share the machine with it.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -56,9 +57,26 @@ impl Drop for Group {
     }
 }
 
-#[test]
-fn a_chaos_run_with_every_fault_keeps_every_property() {
+/// What a finished run left: its report and its files.
+struct Run {
+    seed: String,
+    stdout: String,
+    /// `summary.json`'s figures.
+    figures: serde_json::Value,
+    /// `faults.jsonl`, one JSON object per line.
+    faults: String,
+}
+
+/// Both runs load both cores: one at a time, even though cargo runs the
+/// tests of one binary in parallel.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the chaos example with `args` for `seconds`, and checks what every
+/// run must show: exit 0, `violations: 0`, every fault kind of the mode
+/// injected, grants made, writes accepted and stale writes rejected.
+fn chaos_run(seconds: u64, args: &[&str]) -> Run {
     use std::os::unix::process::CommandExt;
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = tempfile::tempdir().expect("temp dir");
     let seed = std::env::var("LEASEHOLD_CHAOS_SEED").unwrap_or_else(|_| {
         let nanos = std::time::SystemTime::now()
@@ -68,9 +86,15 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         nanos.to_string()
     });
     let child = Command::new(chaos_example())
-        // 32 s: the first round of faults (seven, 1–3 s apart, a coordinator
-        // pause of up to 2 s among them) always fits, so every kind is seen.
-        .args(["--duration", "32s", "--workers", "4", "--resources", "2"])
+        .args([
+            "--duration",
+            &format!("{seconds}s"),
+            "--workers",
+            "4",
+            "--resources",
+            "2",
+        ])
+        .args(args)
         .args(["--seed", &seed])
         .arg("--out")
         .arg(out.path().join("run"))
@@ -88,15 +112,16 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         text
     });
 
-    // Bounded: 32 s of run plus the wind-down; 90 s at most.
-    let deadline = Instant::now() + Duration::from_secs(90);
+    // Bounded: the run plus the wind-down, 60 s at most.
+    let limit = Duration::from_secs(seconds + 60);
+    let deadline = Instant::now() + limit;
     let status = loop {
         if let Some(status) = group.0.try_wait().expect("wait for chaos") {
             break status;
         }
         assert!(
             Instant::now() < deadline,
-            "the chaos run (seed {seed}) did not finish within 90 s"
+            "the chaos run (seed {seed}) did not finish within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -112,8 +137,8 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         &std::fs::read_to_string(out.path().join("run/summary.json")).expect("summary.json"),
     )
     .expect("summary.json is JSON");
-    let figures = &summary["figures"];
-    // The summary lists every fault kind the harness knows, zeros included.
+    let figures = summary["figures"].clone();
+    // The summary lists every fault kind of the mode, zeros included.
     let faults = figures["faults"].as_object().expect("figures.faults");
     assert!(faults.len() >= 6, "fault kinds missing: {faults:?}");
     for (kind, n) in faults {
@@ -129,4 +154,55 @@ fn a_chaos_run_with_every_fault_keeps_every_property() {
         count("writes_rejected") > 0,
         "no stale write rejected, so the store's check went untested (seed {seed}):\n{stdout}"
     );
+    let faults = std::fs::read_to_string(out.path().join("run/faults.jsonl")).expect("faults");
+    Run {
+        seed,
+        stdout,
+        figures,
+        faults,
+    }
+}
+
+#[test]
+fn a_chaos_run_with_every_fault_keeps_every_property() {
+    // 32 s: the first round of faults (seven, 1–3 s apart, a coordinator
+    // pause of up to 2 s among them) always fits, so every kind is seen.
+    let run = chaos_run(32, &[]);
+    assert_eq!(
+        run.figures["faults"].as_object().map(|f| f.len()),
+        Some(6),
+        "{}",
+        run.stdout
+    );
+}
+
+/// The cluster mode: three nodes, and kill -9, SIGSTOP and a
+/// partition of any node, the leader first, with the same checker.
+#[test]
+fn a_chaos_run_against_a_cluster_keeps_every_property() {
+    // 40 s: the first round (eight faults, 1–3 s apart, pauses of up to 2 s
+    // and partitions of up to 3 s among them) always fits.
+    let run = chaos_run(40, &["--cluster"]);
+    let Run {
+        seed,
+        stdout,
+        figures,
+        faults,
+    } = &run;
+    assert!(
+        figures["faults"].get("node partition").is_some(),
+        "{stdout}"
+    );
+    // Each node-level fault struck the leader at least once: the harness
+    // aims the first of each kind at it.
+    for kind in ["coordinator_kill", "coordinator_pause", "partition"] {
+        let at_leader = faults.lines().any(|line| {
+            let f: serde_json::Value = serde_json::from_str(line).expect("a fault line");
+            f["kind"] == kind && f["detail"].as_str().is_some_and(|d| d.contains("(leader)"))
+        });
+        assert!(
+            at_leader,
+            "no {kind} struck the leader (seed {seed}):\n{faults}"
+        );
+    }
 }

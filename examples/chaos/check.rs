@@ -111,18 +111,31 @@ pub enum FaultKind {
     ConnectionsCut,
     /// An operator revokes the live lease on a resource (AdminService).
     Revoke,
+    /// Cluster only: one node's links to the other nodes are refused, or
+    /// drop every packet, for a while (the workers still reach it).
+    Partition,
 }
 
 impl FaultKind {
     /// Every kind, in the order the summary lists them.
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::CoordinatorKill,
         FaultKind::CoordinatorPause,
         FaultKind::WorkerPause,
         FaultKind::StoreRestart,
         FaultKind::ConnectionsCut,
         FaultKind::Revoke,
+        FaultKind::Partition,
     ];
+
+    /// The kinds a run injects: partitions need a cluster.
+    pub fn kinds(cluster: bool) -> &'static [FaultKind] {
+        if cluster {
+            &Self::ALL
+        } else {
+            &Self::ALL[..6]
+        }
+    }
 
     /// The name in the summary.
     pub fn label(self) -> &'static str {
@@ -133,6 +146,7 @@ impl FaultKind {
             FaultKind::StoreRestart => "store restart",
             FaultKind::ConnectionsCut => "connections cut",
             FaultKind::Revoke => "revoke",
+            FaultKind::Partition => "node partition",
         }
     }
 }
@@ -314,8 +328,9 @@ pub struct Report {
     pub violations: Vec<Violation>,
 }
 
-/// Verifies the five properties over `history`.
-pub fn check(history: &History) -> Report {
+/// Verifies the five properties over `history`; counts the faults of each
+/// of `kinds` (the run's), zeros included.
+pub fn check(history: &History, kinds: &[FaultKind]) -> Report {
     let mut report = Report::default();
     let f = &mut report.figures;
     for op in &history.ops {
@@ -337,7 +352,7 @@ pub fn check(history: &History) -> Report {
             _ => {}
         }
     }
-    for kind in FaultKind::ALL {
+    for &kind in kinds {
         let n = history.faults.iter().filter(|x| x.kind == kind).count();
         f.faults.insert(kind.label().to_owned(), n);
     }
@@ -626,6 +641,9 @@ pub struct RunInfo {
     pub resources: u32,
     /// The seed.
     pub seed: u64,
+    /// Three coordinator nodes instead of one.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Report {
@@ -635,8 +653,16 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "chaos: {:.1}s, {} workers, {} resources, seed {}",
-            run.seconds, run.workers, run.resources, run.seed
+            "chaos: {:.1}s, {} workers, {} resources, {}, seed {}",
+            run.seconds,
+            run.workers,
+            run.resources,
+            if run.cluster {
+                "3-node cluster"
+            } else {
+                "one coordinator"
+            },
+            run.seed
         );
         let _ = writeln!(
             s,
@@ -649,7 +675,7 @@ impl Report {
             f.lost_gone,
             f.lost_timed_out
         );
-        let faults: Vec<String> = FaultKind::ALL
+        let faults: Vec<String> = FaultKind::kinds(run.cluster)
             .iter()
             .map(|k| format!("{} ×{}", k.label(), f.faults.get(k.label()).unwrap_or(&0)))
             .collect();
@@ -877,7 +903,7 @@ mod tests {
             ops,
             faults: Vec::new(),
         };
-        let report = check(&history);
+        let report = check(&history, &FaultKind::ALL);
         let mut found: Vec<Property> = report.violations.iter().map(|v| v.property).collect();
         found.dedup();
         assert_eq!(found, expected, "{name}: {}", report.explain(&history));
@@ -976,12 +1002,13 @@ mod tests {
             ],
             faults: Vec::new(),
         };
-        let report = check(&history);
+        let report = check(&history, &FaultKind::ALL);
         let run = RunInfo {
             seconds: 2.0,
             workers: 2,
             resources: 1,
             seed: 1,
+            cluster: false,
         };
         let summary = report.summary(&run);
         assert!(
@@ -1017,15 +1044,21 @@ mod tests {
             detail: "revoked r (token 7)".into(),
             revoked: Some(("r".into(), 7)),
         };
-        let without = check(&History {
-            ops: ops.clone(),
-            faults: Vec::new(),
-        });
+        let without = check(
+            &History {
+                ops: ops.clone(),
+                faults: Vec::new(),
+            },
+            &FaultKind::ALL,
+        );
         assert!(!without.violations.is_empty());
-        let with = check(&History {
-            ops,
-            faults: vec![revoke],
-        });
+        let with = check(
+            &History {
+                ops,
+                faults: vec![revoke],
+            },
+            &FaultKind::ALL,
+        );
         assert!(with.violations.is_empty(), "{:?}", with.violations);
     }
 }

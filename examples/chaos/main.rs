@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --bins --examples
-//! target/debug/examples/chaos --duration 60s --workers 4 --resources 2 [--seed N] [--out DIR]
+//! target/debug/examples/chaos --duration 60s --workers 4 --resources 2 [--cluster] [--seed N] [--out DIR]
 //! ```
 //!
 //! It runs real processes: the coordinator (`leasehold serve`, found next to
@@ -22,6 +22,14 @@
 //! any TTL (a GC pause); a restart of the store (SIGTERM or `kill -9`); the
 //! proxy cutting every connection, sometimes after swallowing replies.
 //!
+//! With `--cluster` the coordinator is three nodes of a Raft cluster, every
+//! node-to-node link through a proxy of the harness, and workers get all
+//! three (each through its own proxy) as a server list. Kills (down up to
+//! 1.5 s) and pauses strike any node, and a seventh fault cuts one node off
+//! from the others for 1–3 s (links refused, or every packet dropped). The
+//! first kill, pause and partition strike the leader, later ones the leader
+//! half the time; revokes go to a random node.
+//!
 //! Workers append every operation, with its start and end time (the shared
 //! CLOCK_REALTIME) and result, to `DIR/history/worker-N.jsonl`. At the end
 //! the checker (`check.rs`) verifies the five properties, prints a summary
@@ -31,6 +39,8 @@
 //! one seed differ.
 
 mod check;
+mod nodes;
+mod proxy;
 mod worker;
 
 use std::collections::HashSet;
@@ -38,7 +48,6 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,14 +58,13 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rustix::process::{kill_process as kill, Pid, Signal};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdout, Command};
-use tokio::sync::watch;
+use tokio::process::Command;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
 
 use check::{Fault, FaultKind, History, RunInfo};
+use nodes::{respawn_at, spawn_server, Coordinators, Proc};
+use proxy::{Mode, Proxy};
 use worker::now_ns;
 
 /// A chaos run: real processes, random faults, and a history checker.
@@ -72,6 +80,11 @@ struct Args {
     /// Resources the workers contend for.
     #[arg(long, default_value_t = 2)]
     resources: u32,
+    /// Run a three-node cluster instead of one coordinator: kills, pauses
+    /// and partitions (every node-to-node link goes through a proxy) strike
+    /// any node, the leader half the time.
+    #[arg(long)]
+    cluster: bool,
     /// Seed of the random choices (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -135,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         workers: args.workers,
         resources: args.resources,
         seed,
+        cluster: args.cluster,
     };
     let code = if args.check_only {
         // The parameters the run was started with, if it recorded them.
@@ -173,7 +187,7 @@ async fn interrupted() {
 /// writes `out/summary.json`, and returns the exit code.
 fn verdict(out: &Path, run: &RunInfo, problems: &[String]) -> anyhow::Result<i32> {
     let history = History::load(out).map_err(anyhow::Error::msg)?;
-    let report = check::check(&history);
+    let report = check::check(&history, FaultKind::kinds(run.cluster));
     if !report.violations.is_empty() {
         println!("{}", report.explain(&history));
     }
@@ -218,201 +232,6 @@ fn binaries() -> anyhow::Result<(PathBuf, PathBuf)> {
         }
     }
     Ok((leasehold, store))
-}
-
-/// A child process, killed when dropped (also on panic or interrupt).
-struct Proc {
-    name: String,
-    child: Child,
-    /// Kept open so the child never writes to a closed pipe.
-    _stdout: Option<tokio::io::Lines<BufReader<ChildStdout>>>,
-}
-
-impl Proc {
-    fn pid(&self) -> anyhow::Result<Pid> {
-        let id = self
-            .child
-            .id()
-            .with_context(|| format!("{} has exited", self.name))?;
-        Pid::from_raw(id as i32).with_context(|| format!("{} has no pid", self.name))
-    }
-
-    fn signal(&self, sig: Signal) -> anyhow::Result<()> {
-        kill(self.pid()?, sig).with_context(|| format!("cannot send {sig:?} to {}", self.name))
-    }
-
-    /// `kill -9`, and reap it.
-    async fn kill9(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
-    }
-
-    /// SIGTERM, then `kill -9` after `grace`. Whether it exited 0 by itself.
-    async fn terminate(&mut self, grace: Duration) -> bool {
-        if self.signal(Signal::TERM).is_err() {
-            return false;
-        }
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(status)) => status.success(),
-            _ => {
-                self.kill9().await;
-                false
-            }
-        }
-    }
-}
-
-/// Starts a server process that prints `listening on ADDR` first.
-async fn spawn_server(
-    name: &str,
-    program: &Path,
-    args: &[String],
-    log: &Path,
-) -> anyhow::Result<(Proc, SocketAddr)> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let mut child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("cannot start {}", program.display()))?;
-    let stdout = child.stdout.take().context("no stdout pipe")?;
-    let mut proc = Proc {
-        name: name.to_owned(),
-        child,
-        _stdout: None,
-    };
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
-    let addr = match line {
-        Ok(Ok(Some(line))) => line
-            .trim()
-            .strip_prefix("listening on ")
-            .and_then(|a| a.parse().ok())
-            .with_context(|| format!("{name}: unexpected first line {line:?}"))?,
-        _ => {
-            proc.kill9().await;
-            bail!("{name} did not report its address (see its log)");
-        }
-    };
-    proc._stdout = Some(lines);
-    Ok((proc, addr))
-}
-
-/// Starts a server on a fixed address, retrying while the port is still
-/// taken (50 × 100 ms at most).
-async fn respawn_at(
-    name: &str,
-    program: &Path,
-    args: &[String],
-    log: &Path,
-) -> anyhow::Result<Proc> {
-    let mut last = None;
-    for _ in 0..50 {
-        match spawn_server(name, program, args, log).await {
-            Ok((proc, _)) => return Ok(proc),
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("{name} did not start")))
-}
-
-/// A loopback TCP proxy between the workers and the coordinator that can
-/// cut every link, or swallow the coordinator's replies for a while first.
-struct Proxy {
-    addr: SocketAddr,
-    cut: watch::Sender<u64>,
-    swallow: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr) -> anyhow::Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (cut, _) = watch::channel(0u64);
-        let swallow = Arc::new(AtomicBool::new(false));
-        let (cut_tx, sw) = (cut.clone(), swallow.clone());
-        let task = tokio::spawn(async move {
-            // Bounded: 100,000 links is far more than any run opens.
-            for _ in 0..100_000 {
-                let Ok((client, _)) = listener.accept().await else {
-                    break;
-                };
-                // Subscribe before connecting, so a cut cannot be missed.
-                let mut cut_rx = cut_tx.subscribe();
-                let sw = sw.clone();
-                tokio::spawn(async move {
-                    let Ok(Ok(server)) =
-                        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(target))
-                            .await
-                    else {
-                        return; // the coordinator is down: drop the client's link
-                    };
-                    let _ = client.set_nodelay(true);
-                    let _ = server.set_nodelay(true);
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw_half) = server.into_split();
-                    let up = pump(&mut cr, &mut sw_half, None);
-                    let down = pump(&mut sr, &mut cw, Some(&sw));
-                    tokio::select! {
-                        _ = up => {}
-                        _ = down => {}
-                        _ = cut_rx.changed() => {}
-                    }
-                });
-            }
-        });
-        Ok(Proxy {
-            addr,
-            cut,
-            swallow,
-            task,
-        })
-    }
-
-    /// Cuts every open link (after swallowing replies for `swallow_for`).
-    async fn cut(&self, swallow_for: Option<Duration>) {
-        if let Some(d) = swallow_for {
-            self.swallow.store(true, Ordering::SeqCst);
-            tokio::time::sleep(d).await;
-        }
-        self.cut.send_modify(|g| *g += 1);
-        self.swallow.store(false, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.cut.send_modify(|g| *g += 1);
-        self.task.abort();
-    }
-}
-
-/// Copies bytes until EOF or an error; drops them while `swallow` is set.
-async fn pump(
-    from: &mut tokio::net::tcp::OwnedReadHalf,
-    to: &mut tokio::net::tcp::OwnedWriteHalf,
-    swallow: Option<&AtomicBool>,
-) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = from.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        if !swallow.is_some_and(|s| s.load(Ordering::SeqCst)) {
-            to.write_all(&buf[..n]).await?;
-        }
-    }
 }
 
 /// An operator's revoke, straight to the coordinator (the admin API is open
@@ -540,28 +359,21 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             path("store"),
         ]
     };
-    let coord_args = |listen: &str| {
-        vec![
-            "serve".to_owned(),
-            "--listen".to_owned(),
-            listen.to_owned(),
-            "--data-dir".to_owned(),
-            path("coordinator"),
-        ]
-    };
     let store_log = out.join("logs/store.log");
-    let coord_log = out.join("logs/coordinator.log");
     let (mut store, store_addr) =
         spawn_server("store", &store_bin, &store_args("127.0.0.1:0"), &store_log).await?;
-    let (mut coordinator, coord_addr) = spawn_server(
-        "coordinator",
-        &leasehold,
-        &coord_args("127.0.0.1:0"),
-        &coord_log,
-    )
-    .await?;
-    let proxy = Proxy::start(coord_addr).await?;
-    tracing::info!(%coord_addr, proxy = %proxy.addr, %store_addr, out = %out.display(), seed = run.seed, "started");
+    let mut coordinators = Coordinators::start(&leasehold, out, args.cluster).await?;
+    // Workers reach every node through a proxy of their own, which can cut
+    // their links; the client library finds the leader among them.
+    let mut proxies = Vec::new();
+    for addr in &coordinators.addrs {
+        proxies.push(Proxy::start(*addr).await?);
+    }
+    let servers: Vec<String> = proxies
+        .iter()
+        .map(|p| format!("http://{}", p.addr))
+        .collect();
+    tracing::info!(nodes = ?coordinators.addrs, proxies = ?servers, %store_addr, out = %out.display(), seed = run.seed, "started");
 
     let until_ns = now_ns() + args.duration.as_nanos() as u64;
     let exe = std::env::current_exe()?;
@@ -570,7 +382,7 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
         let log = std::fs::File::create(out.join(format!("logs/worker-{id}.log")))?;
         let child = Command::new(&exe)
             .args(["--worker", &id.to_string()])
-            .args(["--coordinator", &format!("http://{}", proxy.addr)])
+            .args(["--coordinator", &servers.join(",")])
             .args(["--store", &format!("http://{store_addr}")])
             .args(["--resources", &args.resources.to_string()])
             .args(["--seed", &run.seed.to_string()])
@@ -585,17 +397,16 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             .kill_on_drop(true)
             .spawn()
             .context("cannot start a worker")?;
-        workers.push(Proc {
-            name: format!("worker {id}"),
-            child,
-            _stdout: None,
-        });
+        workers.push(Proc::new(format!("worker {id}"), child));
     }
 
     // The fault loop: one fault every 1–3 s, from shuffled rounds of every kind.
     let paused = Paused(Arc::new(Mutex::new(HashSet::new())));
     let mut resumes: Vec<JoinHandle<()>> = Vec::new();
     let mut bag: Vec<FaultKind> = Vec::new();
+    // In a cluster, the first kill, pause and partition strike the leader
+    // (the case that matters most); later ones the leader half the time.
+    let mut struck: HashSet<FaultKind> = HashSet::new();
     // Bounded: at most one fault per second of the run, plus one.
     for _ in 0..=args.duration.as_secs() {
         let gap = Duration::from_millis(rng.random_range(1000..=3000));
@@ -606,36 +417,63 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
         if bag.is_empty() {
             // Every kind once per round, and worker pauses twice: they are
             // what produces stale writes for the store to reject.
-            bag = FaultKind::ALL.to_vec();
+            bag = FaultKind::kinds(args.cluster).to_vec();
             bag.push(FaultKind::WorkerPause);
             bag.shuffle(&mut rng);
         }
         let kind = bag.pop().expect("refilled above");
+        let at_leader = struck.insert(kind) || rng.random_bool(0.5);
         let start = now_ns();
         match kind {
             FaultKind::CoordinatorKill => {
-                coordinator.kill9().await;
-                let down = Duration::from_millis(rng.random_range(0..=500));
-                tokio::time::sleep(down).await;
-                coordinator = respawn_at(
-                    "coordinator",
-                    &leasehold,
-                    &coord_args(&coord_addr.to_string()),
-                    &coord_log,
-                )
-                .await?;
+                let (i, who) = coordinators.pick(&mut rng, at_leader).await;
+                // A cluster node may stay down longer: the others serve.
+                let most = if args.cluster { 1500 } else { 500 };
+                let down = Duration::from_millis(rng.random_range(0..=most));
+                coordinators.kill_and_restart(i, down).await?;
+                let addr = coordinators.addrs[i];
                 faults.record(
                     kind,
                     start,
-                    format!("down {} ms, restarted on {coord_addr}", down.as_millis()),
+                    format!("{who} down {} ms, restarted on {addr}", down.as_millis()),
                 );
             }
             FaultKind::CoordinatorPause => {
+                let (i, who) = coordinators.pick(&mut rng, at_leader).await;
                 let pause = Duration::from_millis(rng.random_range(500..=2000));
-                coordinator.signal(Signal::STOP)?;
+                coordinators.signal(i, Signal::STOP)?;
                 tokio::time::sleep(pause).await;
-                coordinator.signal(Signal::CONT)?;
-                faults.record(kind, start, format!("SIGSTOP for {} ms", pause.as_millis()));
+                coordinators.signal(i, Signal::CONT)?;
+                faults.record(
+                    kind,
+                    start,
+                    format!("{who} SIGSTOP for {} ms", pause.as_millis()),
+                );
+            }
+            FaultKind::Partition => {
+                let (i, who) = coordinators.pick(&mut rng, at_leader).await;
+                // Longer than an election, so a cut-off leader is replaced.
+                let cut = Duration::from_millis(rng.random_range(1000..=3000));
+                let mode = if rng.random_bool(0.5) {
+                    Mode::Refuse
+                } else {
+                    Mode::Blackhole
+                };
+                coordinators.partition(i, mode);
+                tokio::time::sleep(cut).await;
+                coordinators.partition(i, Mode::Up);
+                let how = match mode {
+                    Mode::Refuse => "links refused",
+                    _ => "every packet dropped",
+                };
+                faults.record(
+                    kind,
+                    start,
+                    format!(
+                        "{who} cut off from the other nodes ({how}) for {} ms",
+                        cut.as_millis()
+                    ),
+                );
             }
             FaultKind::WorkerPause => {
                 let free: Vec<usize> = (0..workers.len())
@@ -698,7 +536,7 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
                 let swallow = rng
                     .random_bool(0.5)
                     .then(|| Duration::from_millis(rng.random_range(100..=800)));
-                proxy.cut(swallow).await;
+                proxy::cut_all(&proxies, swallow).await;
                 let detail = match swallow {
                     Some(d) => format!("replies swallowed for {} ms, then cut", d.as_millis()),
                     None => "cut".to_owned(),
@@ -707,13 +545,18 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             }
             FaultKind::Revoke => {
                 let resource = format!("r{}", rng.random_range(0..args.resources.max(1)));
-                let (detail, revoked) = match revoke(coord_addr, &resource).await {
+                // Any node: a follower forwards it to the leader.
+                let node = coordinators.addrs[rng.random_range(0..coordinators.len())];
+                let (detail, revoked) = match revoke(node, &resource).await {
                     Ok(Some(token)) => (
-                        format!("revoked {resource} (token {token})"),
+                        format!("revoked {resource} (token {token}) through {node}"),
                         Some((resource, token)),
                     ),
                     Ok(None) => (format!("nothing held on {resource}"), None),
-                    Err(e) => (format!("revoke of {resource} failed: {e}"), None),
+                    Err(e) => (
+                        format!("revoke of {resource} through {node} failed: {e}"),
+                        None,
+                    ),
                 };
                 faults.record_revoke(kind, start, detail, revoked);
             }
@@ -739,12 +582,10 @@ async fn harness(args: &Args, out: &Path, run: &RunInfo) -> anyhow::Result<i32> 
             }
         }
     }
-    if !coordinator.terminate(Duration::from_secs(10)).await {
-        problems.push("the coordinator did not exit 0 on SIGTERM within 10 s".into());
-    }
+    problems.extend(coordinators.terminate(Duration::from_secs(10)).await);
     if !store.terminate(Duration::from_secs(10)).await {
         problems.push("the store did not exit 0 on SIGTERM within 10 s".into());
     }
-    drop(proxy);
+    drop(proxies);
     verdict(out, run, &problems)
 }
