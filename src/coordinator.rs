@@ -71,9 +71,6 @@ pub enum CoordinatorError {
         /// The leader's address, when known.
         leader: Option<String>,
     },
-    /// In a cluster: the call is not available there.
-    #[error("{0} is not available on a cluster node")]
-    Unsupported(&'static str),
 }
 
 /// The replicated log as the coordinator sees it (implemented by
@@ -91,6 +88,8 @@ pub trait Replicated: Send + Sync + 'static {
     fn batches(&self) -> u64;
     /// The leader's address, when known (for error messages).
     fn leader_hint(&self) -> Option<String>;
+    /// The last grants on `resource` this node applied, newest first.
+    fn history(&self, resource: &Resource, limit: usize) -> Vec<GrantRecord>;
 }
 
 /// Where decided changes go.
@@ -725,7 +724,7 @@ impl Coordinator {
             Backend::Local { store, .. } => store
                 .history(resource, limit)
                 .map_err(|e| CoordinatorError::Storage(Arc::new(e))),
-            Backend::Replicated(_) => Err(CoordinatorError::Unsupported("history")),
+            Backend::Replicated(log) => Ok(log.history(resource, limit)),
         }
     }
 

@@ -43,7 +43,6 @@ pub fn status(err: CoordinatorError) -> Status {
         CoordinatorError::Storage(_)
         | CoordinatorError::ShuttingDown
         | CoordinatorError::NotLeader { .. } => Status::unavailable(err.to_string()),
-        CoordinatorError::Unsupported(_) => Status::unimplemented(err.to_string()),
     }
 }
 

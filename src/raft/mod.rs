@@ -22,6 +22,7 @@
 //! - [`node`]: starting a node, forming the cluster, promotion and demotion,
 //!   the proposer that batches the coordinator's jobs into entries, and the
 //!   linearizer that batches leadership checks.
+//! - [`recent`]: the recent grants per resource, what `leases history` answers.
 //! - [`forward`]: a follower forwards LeaseService and AdminService calls to the leader.
 //! - [`view`]: the cluster as the lease page and `/metrics` show it.
 //! - [`wire`]: the serde form of the table's changes.
@@ -33,6 +34,7 @@ pub mod forward;
 pub mod log_store;
 pub mod network;
 pub mod node;
+pub mod recent;
 pub mod state_machine;
 pub mod view;
 pub mod wire;

@@ -50,7 +50,8 @@ use super::{NodeId, Raft, Request, Response, TypeConfig};
 use crate::commit::{Durable, Job, Reply};
 use crate::coordinator::{Config, Coordinator, CoordinatorError, Replicated};
 use crate::keys::{KeySet, Keys, KeysError};
-use crate::store::StoreError;
+use crate::lease::Resource;
+use crate::store::{GrantRecord, StoreError};
 
 /// How a node joins and paces the cluster.
 #[derive(Debug, Clone)]
@@ -122,6 +123,8 @@ struct Log {
     batches: AtomicU64,
     linearizer: Linearizer,
     commit_timeout: Duration,
+    /// The applied state, for the history it keeps.
+    applied: Arc<Mutex<Applied>>,
 }
 
 /// One leadership check's outcome, for every caller that joined it.
@@ -187,6 +190,10 @@ impl Replicated for Log {
 
     fn leader_hint(&self) -> Option<String> {
         self.leader_addr()
+    }
+
+    fn history(&self, resource: &Resource, limit: usize) -> Vec<GrantRecord> {
+        self.applied.lock().recent.history(resource.as_str(), limit)
     }
 }
 
@@ -324,6 +331,7 @@ impl Node {
             batches: AtomicU64::new(0),
             linearizer: Linearizer::default(),
             commit_timeout: config.commit_timeout,
+            applied: applied.clone(),
         });
         let coordinator = Coordinator::open_replicated(log.clone(), coordinator);
         let shared = Arc::new(Shared {

@@ -33,6 +33,7 @@ use openraft::{
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::recent::RecentGrants;
 use super::wire::{WireChange, WireRecord, WireRequest};
 use super::{KeyText, NodeId, Request, Response, TypeConfig};
 use crate::keys::{KeySet, Keys};
@@ -60,6 +61,9 @@ pub struct Applied {
     /// The index of the entry that set `keys` (0: none yet).
     #[serde(default)]
     pub keys_index: u64,
+    /// The recent grants this node applied (not in snapshots: see [`recent`](super::recent)).
+    #[serde(skip)]
+    pub recent: RecentGrants,
 }
 
 impl Applied {
@@ -132,6 +136,7 @@ impl Applied {
                 if newer {
                     self.leases.insert(r.resource.clone(), r.clone());
                 }
+                self.recent.granted(r);
             }
             WireChange::TtlChanged(r) => {
                 if let Some(live) = self.leases.get_mut(&r.resource) {
@@ -140,7 +145,12 @@ impl Applied {
                     }
                 }
             }
-            WireChange::Ended { record, .. } => {
+            WireChange::Ended {
+                record,
+                how,
+                at_unix_ms,
+            } => {
+                self.recent.ended(record, *how, *at_unix_ms);
                 let same = self
                     .leases
                     .get(&record.resource)
@@ -388,7 +398,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.save(&stored).map_err(sm_err)?;
         let keys = state.keys.clone();
-        *self.applied.lock() = state;
+        {
+            let mut applied = self.applied.lock();
+            // The history this node saw stays; the snapshot carries none.
+            state.recent = std::mem::take(&mut applied.recent);
+            *applied = state;
+        }
         *self.current.lock() = Some(stored);
         if let Some(text) = keys {
             self.adopt(&text);

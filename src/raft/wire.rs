@@ -134,6 +134,16 @@ fn end_code(how: EndKind) -> u8 {
     }
 }
 
+/// The end a code of [`WireChange::Ended`] stands for.
+pub fn end_kind(code: u8) -> Option<EndKind> {
+    match code {
+        0 => Some(EndKind::Released),
+        1 => Some(EndKind::Expired),
+        2 => Some(EndKind::Revoked),
+        _ => None,
+    }
+}
+
 /// The wire form of a change; `None` for one the log need not carry (a
 /// renewal that kept the TTL: every new leader gives leases a full TTL anyway).
 pub fn to_wire(change: &Change) -> Option<WireChange> {

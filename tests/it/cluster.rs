@@ -242,6 +242,44 @@ async fn the_leader_killed_under_load_loses_nothing() {
         .into_inner()
         .status;
     assert_eq!(serving, 1, "not SERVING");
+    // Three grants of one resource, two released: its history, asked of
+    // the follower (forwarded), lists them newest first.
+    let mut past = Vec::new();
+    for _ in 0..3 {
+        let l = grant(&mut via_follower, acquire_req("hist/a", "h", 60_000)).await;
+        past.push(l.token);
+        if past.len() < 3 {
+            let released = via_follower
+                .release(proto::ReleaseRequest {
+                    lease_id: l.lease_id,
+                    token: l.token,
+                })
+                .await
+                .expect("release")
+                .into_inner();
+            assert!(released.released);
+        }
+    }
+    let history = |url: &str| {
+        let url = url.to_owned();
+        async move {
+            admin_over(lazy(&url), None)
+                .history(proto::HistoryRequest {
+                    resource: "hist/a".into(),
+                    limit: 0,
+                })
+                .await
+                .expect("history")
+                .into_inner()
+                .grants
+        }
+    };
+    let shown = history(&c.urls[follower]).await;
+    let tokens: Vec<u64> = shown.iter().map(|g| g.token).collect();
+    assert_eq!(tokens, past.iter().rev().copied().collect::<Vec<_>>());
+    let ends: Vec<i32> = shown.iter().map(|g| g.ended).collect();
+    let (live, released) = (proto::EndKind::Live as i32, proto::EndKind::Released as i32);
+    assert_eq!(ends, [live, released, released], "{shown:?}");
 
     // Acknowledged grants: (when, worker, resource, token).
     type Acks = Vec<(Instant, usize, String, u64)>;
@@ -331,6 +369,8 @@ async fn the_leader_killed_under_load_loses_nothing() {
         list(&c.urls[survivor], "via/").await.get("via/follower"),
         Some(&first.token)
     );
+    // The new leader applied the same entries: the same history.
+    assert_eq!(history(&c.urls[survivor]).await, shown);
 
     // The killed node rejoins and catches up.
     let last = status(&c.urls[survivor])
