@@ -329,7 +329,18 @@ impl LeaseService for LeaseApi {
             let api = api.clone();
             async move {
                 let msg = msg?;
-                Ok(api.session_call(msg.call).await)
+                let answer = api.session_call(msg.call).await;
+                // A node that cannot serve (no longer the leader, stopping,
+                // storage failed) ends the stream, as KeepAlive does: the
+                // client opens a new one, which reaches the leader.
+                match &answer.result {
+                    Some(proto::session_response::Result::Error(e))
+                        if e.code == tonic::Code::Unavailable as i32 =>
+                    {
+                        Err(Status::unavailable(e.message.clone()))
+                    }
+                    _ => Ok(answer),
+                }
             }
         });
         Ok(Response::new(Box::pin(out)))

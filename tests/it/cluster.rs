@@ -571,6 +571,13 @@ async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
     let old = c.leader(Duration::from_secs(5)).await;
     let mut direct = lease_client(&urls[old]);
     let before = grant(&mut direct, acquire_req("part/before", "a", 60_000)).await;
+    // A Session stream served by the leader itself, opened before the cut.
+    let (session_tx, session_rx) = tokio::sync::mpsc::channel(4);
+    let mut session = direct
+        .session(tokio_stream::wrappers::ReceiverStream::new(session_rx))
+        .await
+        .expect("session")
+        .into_inner();
 
     let cut = |up: bool| {
         for (i, row) in links.iter().enumerate() {
@@ -595,6 +602,27 @@ async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
         let resource = format!("part/minority/{k}");
         let r = try_acquire(&mut direct, acquire_req(&resource, "c", 60_000)).await;
         assert!(r.is_err(), "the cut-off leader granted {resource}: {r:?}");
+    }
+
+    // The session's next call cannot commit either: the stream ends with
+    // UNAVAILABLE (so a client opens a new one, which reaches the new
+    // leader) rather than answering call after call with an error.
+    session_tx
+        .send(proto::SessionRequest {
+            call: Some(proto::session_request::Call::Acquire(acquire_req(
+                "part/minority/session",
+                "c",
+                60_000,
+            ))),
+        })
+        .await
+        .expect("send on the session");
+    let ended = tokio::time::timeout(Duration::from_secs(10), session.message())
+        .await
+        .expect("the session answered within 10 s");
+    match ended {
+        Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        Ok(other) => panic!("the cut-off leader's session went on: {other:?}"),
     }
 
     cut(true);

@@ -53,10 +53,14 @@ pub(crate) async fn retry<S, T>(
 /// Whether a failed call may be retried: the coordinator did not refuse it,
 /// the transport failed (and idempotency keys make retrying safe).
 pub(crate) fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
-    )
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled => true,
+        // tonic reports a connection that broke mid-call ("h2 protocol
+        // error: …") as INTERNAL, with the transport's error as its source;
+        // a status the server sent never has one.
+        Code::Internal => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
 }
 
 /// Exponential backoff with full jitter.
@@ -94,4 +98,24 @@ pub(crate) fn default_holder() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown-host".into());
     format!("{host}:{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_broken_connection_is_retried_and_a_refusal_is_not() {
+        assert!(retryable(&Status::unavailable("not the leader")));
+        assert!(!retryable(&Status::internal("the server refused")));
+        assert!(!retryable(&Status::invalid_argument("resource")));
+        let mut broken =
+            Status::internal("h2 protocol error: error reading a body from connection");
+        broken.set_source(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(retryable(&broken));
+    }
 }
