@@ -82,7 +82,8 @@ enum ZkWorkload {
 
 #[derive(Debug, Clone, Args)]
 struct Common {
-    /// etcd: http://127.0.0.1:2379; ZooKeeper: 127.0.0.1:2181.
+    /// etcd: http://127.0.0.1:2379, or several comma-separated (a cluster:
+    /// workers dealt over them round-robin); ZooKeeper: 127.0.0.1:2181.
     #[arg(long)]
     endpoint: String,
     /// Concurrent workers.
@@ -176,9 +177,17 @@ impl CycleWorker {
 
 async fn etcd(workload: EtcdWorkload, c: &Common) -> anyhow::Result<Report> {
     use etcd_client::{Client, LockOptions};
-    let client = Client::connect([c.endpoint.as_str()], None)
-        .await
-        .with_context(|| format!("cannot connect to etcd at {}", c.endpoint))?;
+    // Several endpoints (a cluster, comma-separated): one client per member,
+    // the workers dealt over them round-robin, so every member serves a
+    // share of the calls (followers forward their writes to the leader).
+    let mut clients = Vec::new();
+    for endpoint in endpoints(&c.endpoint) {
+        let client = Client::connect([endpoint], None)
+            .await
+            .with_context(|| format!("cannot connect to etcd at {endpoint}"))?;
+        clients.push(client);
+    }
+    anyhow::ensure!(!clients.is_empty(), "--endpoint names no etcd endpoint");
     let tag = tag();
     let ttl_s = c.ttl.as_secs().max(1) as i64;
     // A worker's own lease must outlive the run: nothing keeps it alive, and
@@ -190,7 +199,7 @@ async fn etcd(workload: EtcdWorkload, c: &Common) -> anyhow::Result<Report> {
     let contention = Arc::new(Contention::default());
     let mut handles = Vec::new();
     for w in 0..c.concurrency {
-        let mut client = client.clone();
+        let mut client = clients[w % clients.len()].clone();
         let (window, c, contention) = (window.clone(), c.clone(), contention.clone());
         let name = match workload {
             EtcdWorkload::Contended => format!("bench/contended/{tag}"),
@@ -283,13 +292,18 @@ async fn etcd(workload: EtcdWorkload, c: &Common) -> anyhow::Result<Report> {
         name,
         workload_is_contended(name),
         c,
-        1,
+        clients.len(),
         &window,
         workers,
         lost,
         &contention,
         usage.await.ok(),
     )
+}
+
+/// The endpoints of `--endpoint a,b,c`, blanks dropped.
+fn endpoints(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty()).collect()
 }
 
 fn workload_is_contended(name: &str) -> bool {
@@ -562,8 +576,17 @@ fn table(file: &std::path::Path) -> anyhow::Result<()> {
         ),
     ];
     let c = reports.first().map_or(0, |r| r.concurrency);
-    println!("| workload (C = {c}) | Leasehold | etcd | ZooKeeper | Leasehold ÷ etcd | Leasehold ÷ ZooKeeper |");
-    println!("|---|---|---|---|---|---|");
+    // A system with no report at all loses its columns, and a row with no
+    // report in any column is left out (bench/cluster.sh runs Leasehold and
+    // etcd only, and no Session workloads).
+    let has_zk = reports.iter().any(|r| r.system == "zookeeper");
+    if has_zk {
+        println!("| workload (C = {c}) | Leasehold | etcd | ZooKeeper | Leasehold ÷ etcd | Leasehold ÷ ZooKeeper |");
+        println!("|---|---|---|---|---|---|");
+    } else {
+        println!("| workload (C = {c}) | Leasehold | etcd | Leasehold ÷ etcd |");
+        println!("|---|---|---|---|");
+    }
     for (label, lh, etcd, zk) in rows {
         let (l, e, z) = (
             find("leasehold", lh),
@@ -571,6 +594,18 @@ fn table(file: &std::path::Path) -> anyhow::Result<()> {
             find("zookeeper", zk),
         );
         let z = if etcd == "cycle-lease" { None } else { z };
+        if !has_zk {
+            // Leasehold's Session rows (or etcd's rows) only when it ran them.
+            let has = |system: &str| reports.iter().any(|r| r.system == system);
+            if (l.is_none() && has("leasehold")) || (e.is_none() && has("etcd")) {
+                continue;
+            }
+            if l.is_none() && e.is_none() {
+                continue;
+            }
+            println!("| {label} | {} | {} | {} |", cell(l), cell(e), ratio(l, e));
+            continue;
+        }
         println!(
             "| {label} | {} | {} | {} | {} | {} |",
             cell(l),
