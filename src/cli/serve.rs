@@ -112,7 +112,9 @@ pub struct ServeArgs {
     /// call is answered UNAVAILABLE.
     #[arg(long, default_value = "3s", value_parser = super::parse_duration)]
     pub commit_timeout: Duration,
-    /// Cluster: take a snapshot (and compact the log) every this many entries.
+    /// Cluster: take a snapshot (and compact the log) once this many
+    /// entries were applied since the last one and the log written since is
+    /// at least as large as that snapshot.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
     /// Cluster: the CA that signed the other members' certificates (for

@@ -30,6 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
@@ -70,6 +71,9 @@ struct Inner {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     syncs: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    /// Bytes of entries appended since the store opened (the snapshot
+    /// policy compares them with the snapshot's size).
+    appended: Arc<AtomicU64>,
 }
 
 impl Debug for LogStore {
@@ -110,6 +114,11 @@ fn frame(op: &LogOp, out: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 impl LogStore {
+    /// Bytes of entries appended since the store opened, kept current.
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended.clone()
+    }
+
     /// Opens (or creates) `dir/raft-log`, replaying what it holds.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -170,7 +179,11 @@ impl LogStore {
         std::thread::Builder::new()
             .name("leasehold-raft-log".into())
             .spawn(move || run_syncs(shared, rx))?;
-        Ok(LogStore { inner, syncs })
+        Ok(LogStore {
+            inner,
+            syncs,
+            appended: Arc::default(),
+        })
     }
 
     fn write(&self, op: &LogOp) -> Result<(), std::io::Error> {
@@ -205,12 +218,13 @@ impl Inner {
         self.file.sync_data()
     }
 
-    fn write_unsynced(&mut self, op: &LogOp) -> std::io::Result<()> {
+    /// Writes one record; its size in bytes.
+    fn write_unsynced(&mut self, op: &LogOp) -> std::io::Result<u64> {
         let mut buf = Vec::new();
         frame(op, &mut buf)?;
         self.file.write_all(&buf)?;
         self.records += 1;
-        Ok(())
+        Ok(buf.len() as u64)
     }
 
     /// Rewrites the file with only the live state, when most of it is dead.
@@ -317,7 +331,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<_> = entries.into_iter().collect();
         let mut inner = self.inner.lock();
         let op = LogOp::Append(entries);
-        if let Err(e) = inner.write_unsynced(&op) {
+        let written = inner.write_unsynced(&op);
+        if let Ok(n) = written {
+            self.appended.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Err(e) = written {
             drop(inner);
             let failed = io_err(std::io::Error::new(e.kind(), e.to_string()));
             callback.log_io_completed(Err(e));

@@ -73,8 +73,9 @@ pub struct ClusterConfig {
     /// Longest a write or a leadership check may take before the call is
     /// answered UNAVAILABLE.
     pub commit_timeout: Duration,
-    /// A snapshot is taken after this many entries, and the log before it
-    /// purged.
+    /// A snapshot is taken (and the log before it purged) once this many
+    /// entries were applied since the last one and the log written since is
+    /// at least as large as that snapshot (see `run_snapshots`).
     pub snapshot_every: u64,
     /// TLS for `https://` peers (the node's client identity under mTLS).
     pub peer_tls: Option<ClientTlsConfig>,
@@ -114,6 +115,19 @@ pub enum NodeError {
     /// This node is not among `--peers`.
     #[error("--node-id {0} is not in --peers; list every initial member, this node included (or pass --join)")]
     NotAMember(NodeId),
+}
+
+/// The snapshot policy: at least `every` entries since the last snapshot,
+/// and at least as many bytes of log written since as the snapshot holds.
+fn snapshot_due(entries: u64, every: u64, log_bytes: u64, snapshot_bytes: u64) -> bool {
+    entries >= every && log_bytes >= snapshot_bytes
+}
+
+/// What the snapshot policy weighs: bytes of log appended since the node
+/// started, and the current snapshot's size.
+struct Sizes {
+    log: Arc<AtomicU64>,
+    snapshot: Arc<AtomicU64>,
 }
 
 /// The log as the coordinator sees it.
@@ -282,6 +296,10 @@ impl Node {
         };
         let log_store = LogStore::open(&dir).map_err(storage)?;
         let sm = StateMachine::open(&dir, Some(keys.clone())).map_err(storage)?;
+        let sizes = Sizes {
+            log: log_store.appended_bytes(),
+            snapshot: sm.snapshot_bytes(),
+        };
         let applied = sm.applied();
         if let Some(loaded) = &imported {
             applied.lock().import(loaded);
@@ -302,7 +320,8 @@ impl Node {
             election_timeout_max: timeout * 2,
             heartbeat_interval: (config.heartbeat.as_millis() as u64).clamp(1, timeout / 2),
             install_snapshot_timeout: 10_000,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
+            // Our own policy decides when (`run_snapshots`).
+            snapshot_policy: SnapshotPolicy::Never,
             // Keep some entries after a snapshot so a follower a little
             // behind catches up from the log, not a whole snapshot.
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
@@ -357,6 +376,7 @@ impl Node {
         tokio::spawn(node.clone().run_replier(pending_rx));
         tokio::spawn(node.clone().run_linearizer());
         tokio::spawn(node.clone().run_leadership());
+        tokio::spawn(node.clone().run_snapshots(sizes));
 
         if imported.is_some() {
             // New members must receive the imported state: it is in no
@@ -379,6 +399,57 @@ impl Node {
             }
         }
         Ok((node, coordinator))
+    }
+
+    /// Takes a snapshot once `snapshot_every` entries were applied since
+    /// the last one *and* the log written since is at least as large as
+    /// that snapshot. A snapshot rewrites the whole state, so a fixed entry
+    /// count would rewrite a large state (a million live leases: hundreds
+    /// of MB) over and over; this way each byte of log costs at most one
+    /// byte of snapshot, and the log stays bounded by the state's size.
+    async fn run_snapshots(self, sizes: Sizes) {
+        let raft = self.shared.raft.clone();
+        let every = self.shared.config.snapshot_every;
+        let metrics = raft.metrics();
+        let mut last = metrics.borrow().snapshot.map(|s| s.index);
+        let mut log_at_last = sizes.log.load(Ordering::Relaxed);
+        let mut asked: Option<Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.shared.stop.cancelled() => return,
+            }
+            let (applied, snapshot) = {
+                let m = metrics.borrow();
+                (
+                    m.last_applied.map_or(0, |l| l.index),
+                    m.snapshot.map(|s| s.index),
+                )
+            };
+            if snapshot != last {
+                // Taken (or installed from the leader): count from here.
+                last = snapshot;
+                log_at_last = sizes.log.load(Ordering::Relaxed);
+                asked = None;
+            }
+            // One request at a time; asked again if nothing came of it.
+            if asked.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                continue;
+            }
+            let entries = applied.saturating_sub(last.unwrap_or(0));
+            let log = sizes
+                .log
+                .load(Ordering::Relaxed)
+                .saturating_sub(log_at_last);
+            if snapshot_due(entries, every, log, sizes.snapshot.load(Ordering::Relaxed)) {
+                tracing::debug!(entries, log, "taking a snapshot");
+                if raft.trigger().snapshot().await.is_err() {
+                    return; // the node is stopping
+                }
+                asked = Some(Instant::now());
+            }
+        }
     }
 
     async fn snapshot_imported(self) {
@@ -932,4 +1003,21 @@ fn import_single_node(
     let loaded = store.load().map_err(failed)?;
     store.close().map_err(failed)?;
     Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_state_is_snapshotted_only_after_as_much_log() {
+        // A small state: the entry count decides.
+        assert!(!snapshot_due(19_999, 20_000, 10 << 20, 1 << 20));
+        assert!(snapshot_due(20_000, 20_000, 10 << 20, 1 << 20));
+        // A 200 MB state: 20,000 entries of 30 MB are not enough.
+        assert!(!snapshot_due(20_000, 20_000, 30 << 20, 200 << 20));
+        assert!(snapshot_due(150_000, 20_000, 200 << 20, 200 << 20));
+        // No snapshot yet: the entry count alone.
+        assert!(snapshot_due(20_000, 20_000, 0, 0));
+    }
 }

@@ -20,9 +20,9 @@
 //! secret, written to a temporary file, synced and renamed). A restart
 //! loads the snapshot and openraft re-applies the log after it.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -50,10 +50,11 @@ pub struct Applied {
     pub epoch: u64,
     /// Every token ever granted is at or below this.
     pub last_token: u64,
-    /// Live leases by resource.
-    pub leases: BTreeMap<String, WireRecord>,
+    /// Live leases by resource. Persistent maps (`imbl`): a snapshot takes
+    /// a copy in O(1) under the lock and encodes it without holding it.
+    pub leases: imbl::OrdMap<String, WireRecord>,
     /// Idempotency keys.
-    pub requests: HashMap<String, WireRequest>,
+    pub requests: imbl::HashMap<String, WireRequest>,
     /// The cluster's signing keys; `None` until the first leader proposes
     /// its own (snapshots from before replicated keys have none).
     #[serde(default)]
@@ -96,6 +97,22 @@ impl Applied {
                 }
                 Err(e) => Response::KeysRefused { why: e.to_string() },
             },
+        }
+    }
+
+    /// What a snapshot holds: everything but this node's own history (a
+    /// cheap copy: the maps share their nodes).
+    fn to_snapshot(&self) -> Applied {
+        Applied {
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            epoch: self.epoch,
+            last_token: self.last_token,
+            leases: self.leases.clone(),
+            requests: self.requests.clone(),
+            keys: self.keys.clone(),
+            keys_index: self.keys_index,
+            recent: RecentGrants::default(),
         }
     }
 
@@ -224,7 +241,9 @@ pub struct StateMachine {
     applied: Arc<Mutex<Applied>>,
     path: PathBuf,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
-    built: Arc<std::sync::atomic::AtomicU64>,
+    /// The current snapshot's size in bytes (0: none).
+    snapshot_bytes: Arc<AtomicU64>,
+    built: Arc<AtomicU64>,
     /// The node's signing keys, which take on every applied key set.
     keys: Option<Keys>,
 }
@@ -236,6 +255,11 @@ fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 impl StateMachine {
+    /// The current snapshot's size in bytes, kept current.
+    pub fn snapshot_bytes(&self) -> Arc<AtomicU64> {
+        self.snapshot_bytes.clone()
+    }
+
     /// Opens the state machine in `dir`, starting from its snapshot if any.
     /// Each key set applied from then on is handed to `keys`.
     pub fn open(dir: &Path, keys: Option<Keys>) -> std::io::Result<Self> {
@@ -259,6 +283,11 @@ impl StateMachine {
         Ok(StateMachine {
             applied: Arc::new(Mutex::new(applied)),
             path,
+            snapshot_bytes: Arc::new(AtomicU64::new(
+                current
+                    .as_ref()
+                    .map_or(0, |c: &StoredSnapshot| c.data.len() as u64),
+            )),
             current: Arc::new(Mutex::new(current)),
             built: Arc::default(),
             keys,
@@ -307,21 +336,29 @@ fn split_snapshot_file(bytes: &[u8]) -> Option<(SnapshotMeta<NodeId, BasicNode>,
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, last, membership) = {
-            let applied = self.applied.lock();
-            let data = serde_json::to_vec(&*applied).map_err(sm_err)?;
-            (data, applied.last_applied, applied.membership.clone())
-        };
-        let n = self
-            .built
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The lock is held only for the copy (O(1) for the maps), so
+        // entries keep applying while a large state is encoded and written,
+        // on a blocking thread, off the runtime's two workers.
+        let state = self.applied.lock().to_snapshot();
+        let n = self.built.fetch_add(1, Ordering::Relaxed);
+        let last = state.last_applied;
         let meta = SnapshotMeta {
             last_log_id: last,
-            last_membership: membership,
+            last_membership: state.membership.clone(),
             snapshot_id: format!("{}-{n}", last.map_or(0, |l| l.index)),
         };
-        let stored = StoredSnapshot { meta, data };
-        self.save(&stored).map_err(sm_err)?;
+        let this = self.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            let data = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
+            let stored = StoredSnapshot { meta, data };
+            this.save(&stored)?;
+            Ok::<_, std::io::Error>(stored)
+        })
+        .await
+        .map_err(|e| sm_err(std::io::Error::other(e)))?
+        .map_err(sm_err)?;
+        self.snapshot_bytes
+            .store(stored.data.len() as u64, Ordering::Relaxed);
         *self.current.lock() = Some(stored.clone());
         Ok(Snapshot {
             meta: stored.meta,
@@ -404,6 +441,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state.recent = std::mem::take(&mut applied.recent);
             *applied = state;
         }
+        self.snapshot_bytes
+            .store(stored.data.len() as u64, Ordering::Relaxed);
         *self.current.lock() = Some(stored);
         if let Some(text) = keys {
             self.adopt(&text);
