@@ -73,6 +73,8 @@ impl Channels {
 pub struct Network {
     /// The channels.
     pub channels: Channels,
+    /// The least time an AppendEntries may take before it counts as failed.
+    pub append_timeout: Duration,
 }
 
 /// A connection to one peer.
@@ -80,6 +82,7 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     channels: Channels,
+    append_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -90,6 +93,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             channels: self.channels.clone(),
+            append_timeout: self.append_timeout,
         }
     }
 }
@@ -147,7 +151,13 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(0, &rpc, option.hard_ttl()).await
+        // openraft 0.9 gives an AppendEntries one heartbeat interval
+        // (50 ms). A batch of entries for a follower catching up (megabytes
+        // of JSON, then its fsync) takes longer on a loaded machine; cut
+        // off at 50 ms it is sent again and again and never lands, while
+        // the follower, hearing nothing that succeeds, calls elections.
+        let timeout = option.hard_ttl().max(self.append_timeout);
+        self.call(0, &rpc, timeout).await
     }
 
     async fn install_snapshot(

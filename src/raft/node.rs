@@ -331,13 +331,17 @@ impl Node {
             // split the vote.
             election_timeout_max: timeout * 2,
             heartbeat_interval: (config.heartbeat.as_millis() as u64).clamp(1, timeout / 2),
-            install_snapshot_timeout: 10_000,
+            // Per chunk; the last one waits while the follower decodes and
+            // installs the whole state (a million leases: seconds).
+            install_snapshot_timeout: 60_000,
             // Our own policy decides when (`run_snapshots`).
             snapshot_policy: SnapshotPolicy::Never,
             // Keep some entries after a snapshot so a follower a little
             // behind catches up from the log, not a whole snapshot.
             max_in_snapshot_log_to_keep: (config.snapshot_every / 2).min(1000),
-            max_payload_entries: 1000,
+            // Entries carry up to a few hundred changes each: 64 of them
+            // keep one AppendEntries near a megabyte.
+            max_payload_entries: 64,
             ..Default::default()
         }
         .validate()
@@ -345,6 +349,9 @@ impl Node {
         let channels = Channels::new(config.peer_tls.clone());
         let network = Network {
             channels: channels.clone(),
+            // Long enough for a catch-up batch, short against the commit
+            // timeout (a dead follower is retried this often).
+            append_timeout: (config.election_timeout * 4).max(Duration::from_secs(1)),
         };
         let raft = Raft::new(
             config.node_id,
@@ -591,7 +598,7 @@ impl Node {
         mut jobs_rx: mpsc::UnboundedReceiver<Job>,
         pending: mpsc::UnboundedSender<Pending>,
     ) {
-        const MAX_BATCH: usize = 4096;
+        const MAX_BATCH: usize = 1024;
         let log = self.shared.log.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
         while let Some(first) = jobs_rx.recv().await {
