@@ -105,8 +105,11 @@ pub struct ServeArgs {
     /// random T to 2 T).
     #[arg(long, default_value = "250ms", value_parser = super::parse_duration)]
     pub election_timeout: Duration,
-    /// Cluster: how often the leader sends heartbeats (at most half the election timeout).
-    #[arg(long, default_value = "50ms", value_parser = super::parse_duration)]
+    /// Cluster: how often the leader sends heartbeats (at most half the
+    /// election timeout). openraft also gives each AppendEntries this long
+    /// to be answered, so it must cover a batch's transfer and fsync on a
+    /// busy follower.
+    #[arg(long, default_value = "125ms", value_parser = super::parse_duration)]
     pub heartbeat: Duration,
     /// Cluster: longest a write or a leadership check may take before the
     /// call is answered UNAVAILABLE.

@@ -2,8 +2,9 @@
 //! lazily connected channel per peer address) and [`RaftApi`] (the
 //! `RaftService` a node serves on its one port).
 //!
-//! Each message is the JSON of openraft's own request, and the answer the
-//! JSON of openraft's `Result`: a refusal by the remote Raft (a higher
+//! Each message is the JSON of openraft's own request (a snapshot chunk's
+//! bytes travel raw beside it), and the answer the JSON of openraft's
+//! `Result`: a refusal by the remote Raft (a higher
 //! vote, say) arrives as `RemoteError`, a transport failure as a
 //! `NetworkError`, which openraft retries on its next heartbeat.
 
@@ -73,8 +74,6 @@ impl Channels {
 pub struct Network {
     /// The channels.
     pub channels: Channels,
-    /// The least time an AppendEntries may take before it counts as failed.
-    pub append_timeout: Duration,
 }
 
 /// A connection to one peer.
@@ -82,7 +81,6 @@ pub struct Peer {
     target: NodeId,
     addr: String,
     channels: Channels,
-    append_timeout: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -93,7 +91,6 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             channels: self.channels.clone(),
-            append_timeout: self.append_timeout,
         }
     }
 }
@@ -107,6 +104,7 @@ impl Peer {
         &self,
         which: u8,
         rpc: &Q,
+        blob: Vec<u8>,
         timeout: Duration,
     ) -> Result<A, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
     where
@@ -125,7 +123,7 @@ impl Peer {
         let mut client = RaftServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX);
-        let mut request = Request::new(RaftMessage { data });
+        let mut request = Request::new(RaftMessage { data, blob });
         request.set_timeout(timeout);
         let call = async {
             match which {
@@ -151,13 +149,9 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        // openraft 0.9 gives an AppendEntries one heartbeat interval
-        // (50 ms). A batch of entries for a follower catching up (megabytes
-        // of JSON, then its fsync) takes longer on a loaded machine; cut
-        // off at 50 ms it is sent again and again and never lands, while
-        // the follower, hearing nothing that succeeds, calls elections.
-        let timeout = option.hard_ttl().max(self.append_timeout);
-        self.call(0, &rpc, timeout).await
+        // openraft 0.9 also cuts it off after one heartbeat interval (see
+        // `--heartbeat`).
+        self.call(0, &rpc, Vec::new(), option.hard_ttl()).await
     }
 
     async fn install_snapshot(
@@ -168,7 +162,9 @@ impl RaftNetwork<TypeConfig> for Peer {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.call(2, &rpc, option.hard_ttl()).await
+        let mut rpc = rpc;
+        let blob = std::mem::take(&mut rpc.data);
+        self.call(2, &rpc, blob, option.hard_ttl()).await
     }
 
     async fn vote(
@@ -176,7 +172,7 @@ impl RaftNetwork<TypeConfig> for Peer {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(1, &rpc, option.hard_ttl()).await
+        self.call(1, &rpc, Vec::new(), option.hard_ttl()).await
     }
 }
 
@@ -194,13 +190,22 @@ impl RaftApi {
 }
 
 fn decode<T: DeserializeOwned>(request: Request<RaftMessage>) -> Result<T, Status> {
-    serde_json::from_slice(&request.into_inner().data)
+    parse(&request.into_inner().data)
+}
+
+fn parse<T: DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(data)
         .map_err(|e| Status::invalid_argument(format!("not an openraft message: {e}")))
 }
 
 fn encode<T: Serialize>(answer: &T) -> Result<Response<RaftMessage>, Status> {
     serde_json::to_vec(answer)
-        .map(|data| Response::new(RaftMessage { data }))
+        .map(|data| {
+            Response::new(RaftMessage {
+                data,
+                blob: Vec::new(),
+            })
+        })
         .map_err(|e| Status::internal(format!("encoding the answer failed: {e}")))
 }
 
@@ -223,7 +228,9 @@ impl RaftService for RaftApi {
         &self,
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode(request)?;
+        let message = request.into_inner();
+        let mut rpc: InstallSnapshotRequest<TypeConfig> = parse(&message.data)?;
+        rpc.data = message.blob;
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }

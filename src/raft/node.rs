@@ -51,6 +51,7 @@ use crate::commit::{Durable, Job, Reply};
 use crate::coordinator::{Config, Coordinator, CoordinatorError, Replicated};
 use crate::keys::{KeySet, Keys, KeysError};
 use crate::lease::Resource;
+use crate::metrics::StoreMetrics;
 use crate::store::{GrantRecord, StoreError};
 
 /// How a node joins and paces the cluster.
@@ -68,7 +69,11 @@ pub struct ClusterConfig {
     /// election, so a dead leader is replaced 3 T to 4 T after its last
     /// heartbeat, plus one round trip to take over.
     pub election_timeout: Duration,
-    /// How often the leader sends heartbeats.
+    /// How often the leader sends heartbeats. openraft 0.9 also gives
+    /// every AppendEntries this long to be answered (its timeout is the
+    /// heartbeat interval), so it must cover a batch's transfer and fsync
+    /// on a busy follower: at 50 ms a follower catching up after a million
+    /// grants never did, and kept calling elections.
     pub heartbeat: Duration,
     /// Longest a write or a leadership check may take before the call is
     /// answered UNAVAILABLE.
@@ -88,7 +93,7 @@ impl Default for ClusterConfig {
             peers: BTreeMap::new(),
             join: false,
             election_timeout: Duration::from_millis(250),
-            heartbeat: Duration::from_millis(50),
+            heartbeat: Duration::from_millis(125),
             commit_timeout: Duration::from_secs(3),
             snapshot_every: 20_000,
             peer_tls: None,
@@ -239,6 +244,9 @@ struct Shared {
     keys: Keys,
     /// Serialises key changes on this node.
     key_change: tokio::sync::Mutex<()>,
+    /// Jobs per entry and time to commit, as the single node's committer
+    /// records them per batch.
+    metrics: StoreMetrics,
 }
 
 /// Where a call for LeaseService or AdminService should go.
@@ -257,6 +265,8 @@ struct Pending {
     rx: Option<tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<TypeConfig>>>,
     replies: Vec<Reply>,
     epoch: u64,
+    /// When it was proposed.
+    proposed: Instant,
     deadline: Instant,
     /// The entry's place among those in flight, given back once answered.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -287,6 +297,7 @@ impl Node {
         if !config.join && !config.peers.contains_key(&config.node_id) {
             return Err(NodeError::NotAMember(config.node_id));
         }
+        let metrics = coordinator.store.metrics.clone();
         let dir = data_dir.join("raft");
         let storage = |source| NodeError::Storage {
             path: dir.clone(),
@@ -349,9 +360,6 @@ impl Node {
         let channels = Channels::new(config.peer_tls.clone());
         let network = Network {
             channels: channels.clone(),
-            // Long enough for a catch-up batch, short against the commit
-            // timeout (a dead follower is retried this often).
-            append_timeout: (config.election_timeout * 4).max(Duration::from_secs(1)),
         };
         let raft = Raft::new(
             config.node_id,
@@ -387,6 +395,7 @@ impl Node {
             leader_changes: std::sync::atomic::AtomicU64::new(0),
             keys,
             key_change: tokio::sync::Mutex::new(()),
+            metrics,
         });
         let _ = shared.coordinator.set(coordinator.clone());
         let node = Node { shared };
@@ -637,12 +646,14 @@ impl Node {
                         rx: None,
                         replies,
                         epoch,
+                        proposed: Instant::now(),
                         deadline,
                         _slot: None,
                     });
                     continue;
                 }
                 log.batches.fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.batch_size.record(replies.len() as f64);
                 match log
                     .raft
                     .client_write_ff(Request::Changes { epoch, changes })
@@ -655,6 +666,7 @@ impl Node {
                             rx: Some(rx),
                             replies,
                             epoch,
+                            proposed: Instant::now(),
                             deadline,
                             _slot: slot.take(),
                         });
@@ -673,6 +685,7 @@ impl Node {
     async fn run_replier(self, mut pending: mpsc::UnboundedReceiver<Pending>) {
         let timeout = self.shared.config.commit_timeout;
         while let Some(p) = pending.recv().await {
+            let entry = p.rx.is_some();
             let result: Result<(), String> = match p.rx {
                 None => Ok(()),
                 Some(rx) => match tokio::time::timeout_at(p.deadline, rx).await {
@@ -689,8 +702,14 @@ impl Node {
                     },
                 },
             };
-            if let Err(why) = &result {
-                self.doubt(p.epoch, why);
+            match &result {
+                Err(why) => self.doubt(p.epoch, why),
+                Ok(()) if entry => self
+                    .shared
+                    .metrics
+                    .commit_duration
+                    .record(p.proposed.elapsed()),
+                Ok(()) => {}
             }
             let durable: Durable = result.map_err(|why| Arc::new(StoreError::Replication(why)));
             for reply in p.replies {

@@ -839,11 +839,17 @@ async fn cluster_metrics_tell_leader_from_follower(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    // One grant: the leader records its entry's size and commit time.
+    let mut client = lease_client(&c.urls[leader]);
+    grant(&mut client, acquire_req("metrics/one", "m", 60_000)).await;
     let on_leader = scrape(leader_http).await;
     assert_eq!(
         on_leader.get(r#"leasehold_cluster_role{role="leader"}"#),
         1.0
     );
+    assert!(on_leader.get("leasehold_commit_batch_size_count") >= 1.0);
+    assert!(on_leader.get("leasehold_commit_batch_size_sum") >= 1.0);
+    assert!(on_leader.get("leasehold_commit_duration_seconds_count") >= 1.0);
     assert_eq!(
         on_leader.get(r#"leasehold_cluster_role{role="follower"}"#),
         0.0
@@ -965,6 +971,7 @@ async fn raft_under_mutual_tls_forms_and_refuses_strangers() {
     let refused = raft
         .vote(proto::RaftMessage {
             data: b"{}".to_vec(),
+            blob: Vec::new(),
         })
         .await
         .expect_err("a stranger reached RaftService");
