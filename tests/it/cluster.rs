@@ -123,6 +123,14 @@ impl Cluster {
     }
 }
 
+/// Cluster tests run one at a time (the other tests of this binary still
+/// run beside them): three servers each on two cores, twice over, would
+/// stretch the election timing they measure (failover within 2 s).
+async fn one_cluster_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    ONE.lock().await
+}
+
 fn peers_arg(urls: &[String]) -> String {
     urls.iter()
         .enumerate()
@@ -223,6 +231,7 @@ async fn list(url: &str, prefix: &str) -> BTreeMap<String, u64> {
 /// survivor grants again within 2 s; the killed node rejoins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_leader_killed_under_load_loses_nothing() {
+    let _one = one_cluster_at_a_time().await;
     let mut c = Cluster::start(3, &[]).await;
     let formed = Instant::now();
     let leader = c.leader(Duration::from_secs(5)).await;
@@ -393,6 +402,7 @@ async fn the_leader_killed_under_load_loses_nothing() {
 /// old leader renews nothing and grants nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_leader_contradicts_nothing_after_it_resumes() {
+    let _one = one_cluster_at_a_time().await;
     let flags = [
         "--election-timeout",
         "300ms",
@@ -534,6 +544,7 @@ impl Link {
 /// node holds the same log and nothing the cut-off leader attempted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
+    let _one = one_cluster_at_a_time().await;
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let urls: Vec<String> = ports
         .iter()
@@ -644,6 +655,7 @@ async fn a_partitioned_leader_grants_nothing_and_rejoins_without_divergence() {
 /// from a snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
+    let _one = one_cluster_at_a_time().await;
     let mut c = Cluster::start(3, &["--snapshot-every", "100"]).await;
     let leader = c.leader(Duration::from_secs(5)).await;
     let url = c.urls[leader].clone();
@@ -742,6 +754,7 @@ async fn membership_changes_and_catch_up_keep_the_cluster_serving() {
 /// hanging, and SERVING turns into NOT_SERVING on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_and_a_lost_majority_keep_todays_answers() {
+    let _one = one_cluster_at_a_time().await;
     let flags = [
         "--election-timeout",
         "300ms",
@@ -889,6 +902,7 @@ async fn cluster_metrics_tell_leader_from_follower(
 /// and a caller without a client certificate cannot reach RaftService.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raft_under_mutual_tls_forms_and_refuses_strangers() {
+    let _one = one_cluster_at_a_time().await;
     let pki = crate::tls::Pki::new();
     let path = |n: &str| pki.path(n).to_str().expect("utf-8").to_owned();
     let urls: Vec<String> = (0..3)
@@ -984,6 +998,7 @@ async fn raft_under_mutual_tls_forms_and_refuses_strangers() {
 /// death. Its data directory is then refused without `--peers`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_single_node_grows_into_a_cluster_keeping_its_leases() {
+    let _one = one_cluster_at_a_time().await;
     let urls: Vec<String> = (0..3)
         .map(|_| format!("http://127.0.0.1:{}", free_port()))
         .collect();
@@ -1181,6 +1196,7 @@ async fn files_sign_with(c: &Cluster, among: &[usize], id: &str, within: Duratio
 /// node restarted afterwards, or down during the rotation, has it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cluster_signs_with_one_replicated_key_set() {
+    let _one = one_cluster_at_a_time().await;
     let flags = ["--election-timeout", "300ms", "--heartbeat", "50ms"];
     let mut c = Cluster::start(3, &flags).await;
     let all = [0, 1, 2];
