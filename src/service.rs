@@ -152,11 +152,12 @@ type SessionStream =
     Pin<Box<dyn Stream<Item = Result<proto::SessionResponse, Status>> + Send + 'static>>;
 
 impl LeaseApi {
-    /// One call of a session, answered as its unary RPC would answer it.
+    /// One call of a session, answered as its unary RPC would answer it:
+    /// its answer, or the status the unary RPC would have failed with.
     async fn session_call(
         &self,
         call: Option<proto::session_request::Call>,
-    ) -> proto::SessionResponse {
+    ) -> Result<proto::session_response::Result, Status> {
         use proto::session_request::Call;
         use proto::session_response::Result as Answer;
         let started = std::time::Instant::now();
@@ -189,15 +190,7 @@ impl LeaseApi {
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
             metrics.record(method, Transport::Session, code, started.elapsed());
         }
-        let result = result.unwrap_or_else(|s| {
-            Answer::Error(proto::CallError {
-                code: s.code() as i32,
-                message: s.message().to_owned(),
-            })
-        });
-        proto::SessionResponse {
-            result: Some(result),
-        }
+        result
     }
 }
 
@@ -329,18 +322,22 @@ impl LeaseService for LeaseApi {
             let api = api.clone();
             async move {
                 let msg = msg?;
-                let answer = api.session_call(msg.call).await;
-                // A node that cannot serve (no longer the leader, stopping,
-                // storage failed) ends the stream, as KeepAlive does: the
-                // client opens a new one, which reaches the leader.
-                match &answer.result {
-                    Some(proto::session_response::Result::Error(e))
-                        if e.code == tonic::Code::Unavailable as i32 =>
-                    {
-                        Err(Status::unavailable(e.message.clone()))
-                    }
-                    _ => Ok(answer),
-                }
+                let result = match api.session_call(msg.call).await {
+                    // A node that cannot serve (no longer the leader,
+                    // stopping, storage failed) ends the stream, as
+                    // KeepAlive does: the client opens a new one, which
+                    // reaches the leader.
+                    Err(s) if s.code() == tonic::Code::Unavailable => return Err(s),
+                    // Any other failure answers this call; the stream goes on.
+                    Err(s) => proto::session_response::Result::Error(proto::CallError {
+                        code: s.code() as i32,
+                        message: s.message().to_owned(),
+                    }),
+                    Ok(answer) => answer,
+                };
+                Ok(proto::SessionResponse {
+                    result: Some(result),
+                })
             }
         });
         Ok(Response::new(Box::pin(out)))
