@@ -331,15 +331,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<_> = entries.into_iter().collect();
         let mut inner = self.inner.lock();
         let op = LogOp::Append(entries);
-        let written = inner.write_unsynced(&op);
-        if let Ok(n) = written {
-            self.appended.fetch_add(n, Ordering::Relaxed);
-        }
-        if let Err(e) = written {
-            drop(inner);
-            let failed = io_err(std::io::Error::new(e.kind(), e.to_string()));
-            callback.log_io_completed(Err(e));
-            return Err(failed);
+        match inner.write_unsynced(&op) {
+            Ok(n) => {
+                self.appended.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                drop(inner);
+                let failed = io_err(std::io::Error::new(e.kind(), e.to_string()));
+                callback.log_io_completed(Err(e));
+                return Err(failed);
+            }
         }
         inner.replay(op);
         drop(inner);

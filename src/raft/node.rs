@@ -129,10 +129,10 @@ fn snapshot_due(entries: u64, every: u64, log_bytes: u64, snapshot_bytes: u64) -
 }
 
 /// What the snapshot policy weighs: bytes of log appended since the node
-/// started, and the current snapshot's size.
+/// started, and the current snapshot (its size).
 struct Sizes {
     log: Arc<AtomicU64>,
-    snapshot: Arc<AtomicU64>,
+    snapshot: StateMachine,
 }
 
 /// The log as the coordinator sees it.
@@ -142,7 +142,8 @@ struct Log {
     batches: AtomicU64,
     linearizer: Linearizer,
     commit_timeout: Duration,
-    /// The applied state, for the history it keeps.
+    /// The applied state (the node reads the epoch and key set in it,
+    /// `history` the recent grants).
     applied: Arc<Mutex<Applied>>,
 }
 
@@ -226,7 +227,6 @@ struct Shared {
     id: NodeId,
     raft: Raft,
     log: Arc<Log>,
-    applied: Arc<Mutex<Applied>>,
     coordinator: OnceLock<Coordinator>,
     channels: Channels,
     kick: Notify,
@@ -321,7 +321,7 @@ impl Node {
         let sm = StateMachine::open(&dir, Some(keys.clone())).map_err(storage)?;
         let sizes = Sizes {
             log: log_store.appended_bytes(),
-            snapshot: sm.snapshot_bytes(),
+            snapshot: sm.clone(),
         };
         let applied = sm.applied();
         if let Some(loaded) = &imported {
@@ -377,14 +377,13 @@ impl Node {
             batches: AtomicU64::new(0),
             linearizer: Linearizer::default(),
             commit_timeout: config.commit_timeout,
-            applied: applied.clone(),
+            applied,
         });
         let coordinator = Coordinator::open_replicated(log.clone(), coordinator);
         let shared = Arc::new(Shared {
             id: config.node_id,
             raft: raft.clone(),
             log,
-            applied,
             coordinator: OnceLock::new(),
             channels,
             kick: Notify::new(),
@@ -470,7 +469,7 @@ impl Node {
                 .log
                 .load(Ordering::Relaxed)
                 .saturating_sub(log_at_last);
-            if snapshot_due(entries, every, log, sizes.snapshot.load(Ordering::Relaxed)) {
+            if snapshot_due(entries, every, log, sizes.snapshot.snapshot_len()) {
                 tracing::debug!(entries, log, "taking a snapshot");
                 if raft.trigger().snapshot().await.is_err() {
                     return; // the node is stopping
@@ -638,6 +637,7 @@ impl Node {
                     .flat_map(|j| j.changes.iter())
                     .filter_map(to_wire)
                     .collect();
+                let jobs = group.len();
                 let replies: Vec<Reply> = group.into_iter().flat_map(|j| j.replies).collect();
                 let deadline = Instant::now() + log.commit_timeout;
                 if changes.is_empty() {
@@ -653,7 +653,7 @@ impl Node {
                     continue;
                 }
                 log.batches.fetch_add(1, Ordering::Relaxed);
-                self.shared.metrics.batch_size.record(replies.len() as f64);
+                self.shared.metrics.batch_size.record(jobs as f64);
                 match log
                     .raft
                     .client_write_ff(Request::Changes { epoch, changes })
@@ -804,7 +804,7 @@ impl Node {
 
     /// The applied key set, if the epoch is still `epoch`.
     fn applied_keys(&self, epoch: u64) -> Result<Option<KeySet>, String> {
-        let applied = self.shared.applied.lock();
+        let applied = self.shared.log.applied.lock();
         if applied.epoch != epoch {
             return Err("another leader took over meanwhile".into());
         }
@@ -849,7 +849,7 @@ impl Node {
             tracing::error!(error = %e, "the cluster's key set signs but is not in the key file");
         }
         let loaded = {
-            let applied = self.shared.applied.lock();
+            let applied = self.shared.log.applied.lock();
             if applied.epoch != epoch {
                 return Err("another leader took over meanwhile".into());
             }
@@ -864,7 +864,7 @@ impl Node {
     /// on a restarted one whose key file is newer than its snapshot until it
     /// has applied the log again.
     pub fn has_key_set(&self) -> bool {
-        let applied = self.shared.applied.lock().keys.clone();
+        let applied = self.shared.log.applied.lock().keys.clone();
         applied.is_some_and(|text| text.0 == self.shared.keys.set().encode())
     }
 
@@ -884,7 +884,7 @@ impl Node {
                 "this node is not the leader, or is still taking over".into(),
             ));
         }
-        let Some((current, base)) = self.shared.applied.lock().key_set() else {
+        let Some((current, base)) = self.shared.log.applied.lock().key_set() else {
             return Err(KeysError::NotReplicated(
                 "the cluster has no key set yet".into(),
             ));

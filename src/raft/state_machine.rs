@@ -241,8 +241,6 @@ pub struct StateMachine {
     applied: Arc<Mutex<Applied>>,
     path: PathBuf,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
-    /// The current snapshot's size in bytes (0: none).
-    snapshot_bytes: Arc<AtomicU64>,
     built: Arc<AtomicU64>,
     /// The node's signing keys, which take on every applied key set.
     keys: Option<Keys>,
@@ -255,9 +253,12 @@ fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 impl StateMachine {
-    /// The current snapshot's size in bytes, kept current.
-    pub fn snapshot_bytes(&self) -> Arc<AtomicU64> {
-        self.snapshot_bytes.clone()
+    /// The current snapshot's size in bytes (0: none yet).
+    pub fn snapshot_len(&self) -> u64 {
+        self.current
+            .lock()
+            .as_ref()
+            .map_or(0, |s| s.data.len() as u64)
     }
 
     /// Opens the state machine in `dir`, starting from its snapshot if any.
@@ -283,11 +284,6 @@ impl StateMachine {
         Ok(StateMachine {
             applied: Arc::new(Mutex::new(applied)),
             path,
-            snapshot_bytes: Arc::new(AtomicU64::new(
-                current
-                    .as_ref()
-                    .map_or(0, |c: &StoredSnapshot| c.data.len() as u64),
-            )),
             current: Arc::new(Mutex::new(current)),
             built: Arc::default(),
             keys,
@@ -357,8 +353,6 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         .await
         .map_err(|e| sm_err(std::io::Error::other(e)))?
         .map_err(sm_err)?;
-        self.snapshot_bytes
-            .store(stored.data.len() as u64, Ordering::Relaxed);
         *self.current.lock() = Some(stored.clone());
         Ok(Snapshot {
             meta: stored.meta,
@@ -441,8 +435,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state.recent = std::mem::take(&mut applied.recent);
             *applied = state;
         }
-        self.snapshot_bytes
-            .store(stored.data.len() as u64, Ordering::Relaxed);
         *self.current.lock() = Some(stored);
         if let Some(text) = keys {
             self.adopt(&text);
