@@ -255,3 +255,33 @@ impl RaftService for RaftApi {
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::Vote;
+
+    use super::*;
+
+    /// Nobody listening is `Unreachable`, the one error after which
+    /// openraft backs off rather than retrying at once.
+    #[tokio::test]
+    async fn a_peer_nobody_listens_for_is_unreachable() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let mut peer = Peer {
+            target: 2,
+            addr,
+            channels: Channels::default(),
+        };
+        let option = RPCOption::new(Duration::from_secs(2));
+        let got = peer
+            .vote(VoteRequest::new(Vote::new(1, 1), None), option)
+            .await;
+        assert!(matches!(got, Err(RPCError::Unreachable(_))), "{got:?}");
+        let mut backoff = peer.backoff();
+        let first: Vec<Duration> = (0..6).filter_map(|_| backoff.next()).collect();
+        let ms: Vec<u128> = first.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms, [50, 100, 200, 400, 500, 500]);
+    }
+}
