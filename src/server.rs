@@ -228,7 +228,7 @@ pub async fn serve(
     // forwards them to the leader and adds the cluster's own services.
     let cluster = node
         .clone()
-        .map(|node| ClusterServices::new(node, max_bytes));
+        .map(|node| ClusterServices::new(node, coordinator.shutdown_token()));
     let (lease_service, admin_service, cluster) = match cluster {
         None => (Some(lease_service), Some(admin_service), None),
         Some(mut c) => {
@@ -303,12 +303,15 @@ struct ClusterServices {
 }
 
 impl ClusterServices {
-    fn new(node: crate::raft::Node, _max_bytes: usize) -> Self {
+    fn new(node: crate::raft::Node, stopping: tokio_util::sync::CancellationToken) -> Self {
         // Raft messages carry batches and snapshots: no size limit between
         // members (only members reach them when mTLS is on).
-        let raft = RaftServiceServer::new(crate::raft::network::RaftApi::new(node.raft().clone()))
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX);
+        let raft = RaftServiceServer::new(crate::raft::network::RaftApi::new(
+            node.raft().clone(),
+            stopping,
+        ))
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
         let cluster = Forward::new(
             ClusterServiceServer::new(crate::raft::cluster_api::ClusterApi::new(node.clone())),
             node.clone(),

@@ -57,7 +57,8 @@ enum LogOp {
 #[derive(Debug)]
 struct Inner {
     path: PathBuf,
-    file: File,
+    /// Shared with the sync thread, which syncs without the lock.
+    file: Arc<File>,
     entries: BTreeMap<u64, Entry<TypeConfig>>,
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
@@ -88,8 +89,8 @@ fn run_syncs(inner: Arc<Mutex<Inner>>, rx: std::sync::mpsc::Receiver<LogFlushed<
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         // Every record of these appends was written before it was queued.
-        let file = inner.lock().file.try_clone();
-        let result = file.and_then(|f| f.sync_data());
+        let file = inner.lock().file.clone();
+        let result = file.sync_data();
         for callback in batch {
             callback.log_io_completed(match &result {
                 Ok(()) => Ok(()),
@@ -138,7 +139,7 @@ impl LogStore {
                     use std::os::unix::fs::OpenOptionsExt;
                     o.mode(0o600);
                 }
-                o.open(&path)?
+                Arc::new(o.open(&path)?)
             },
             entries: BTreeMap::new(),
             vote: None,
@@ -222,7 +223,7 @@ impl Inner {
     fn write_unsynced(&mut self, op: &LogOp) -> std::io::Result<u64> {
         let mut buf = Vec::new();
         frame(op, &mut buf)?;
-        self.file.write_all(&buf)?;
+        (&*self.file).write_all(&buf)?;
         self.records += 1;
         Ok(buf.len() as u64)
     }
@@ -254,7 +255,7 @@ impl Inner {
         if let Some(dir) = self.path.parent() {
             File::open(dir)?.sync_all()?;
         }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.file = Arc::new(OpenOptions::new().append(true).open(&self.path)?);
         self.records = records;
         Ok(())
     }
@@ -309,7 +310,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut inner = self.inner.lock();
         let mut buf = Vec::new();
         frame(&LogOp::Committed(committed), &mut buf).map_err(io_err)?;
-        inner.file.write_all(&buf).map_err(io_err)?;
+        (&*inner.file).write_all(&buf).map_err(io_err)?;
         inner.records += 1;
         inner.committed = committed;
         Ok(())
