@@ -159,6 +159,8 @@ impl Peer {
     }
 
     /// The remote Raft's answer, decoded.
+    // The error is openraft's, as `RaftNetwork` returns it.
+    #[allow(clippy::result_large_err)]
     fn answer<A, E>(&self, reply: &RaftMessage) -> Result<A, PeerError<E>>
     where
         A: DeserializeOwned,
