@@ -459,11 +459,11 @@ mod tests {
             let mut store = LogStore::open(dir.path()).unwrap();
             assert_eq!(indexes(&store), vec![4, 5, 6, 7]);
             // Appends go on where the torn record was cut off.
-            let mut inner = store.inner.lock();
-            inner
+            store
+                .inner
+                .lock()
                 .write_unsynced(&LogOp::Append(vec![entry(2, 8)]))
                 .unwrap();
-            drop(inner);
             store.save_vote(&Vote::new(2, 3)).await.unwrap();
         }
         let mut store = LogStore::open(dir.path()).unwrap();
