@@ -90,6 +90,9 @@ pub struct LogStore {
     /// Bytes of entries appended since the store opened (the snapshot
     /// policy compares them with the snapshot's size).
     appended: Arc<AtomicU64>,
+    /// Seconds per append, its write and `fdatasync` together
+    /// (`leasehold_wal_write_duration_seconds`).
+    write_duration: metrics::Histogram,
 }
 
 impl Debug for LogStore {
@@ -118,8 +121,9 @@ impl LogStore {
         self.appended.clone()
     }
 
-    /// Opens (or creates) `dir/raft-log`, replaying what it holds.
-    pub fn open(dir: &Path) -> std::io::Result<Self> {
+    /// Opens (or creates) `dir/raft-log`, replaying what it holds; each
+    /// append's duration goes to `write_duration`.
+    pub fn open(dir: &Path, write_duration: metrics::Histogram) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("raft-log");
         let mut bytes = Vec::new();
@@ -182,6 +186,7 @@ impl LogStore {
         Ok(LogStore {
             inner: Arc::new(Mutex::new(inner)),
             appended: Arc::default(),
+            write_duration,
         })
     }
 
@@ -355,6 +360,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
+        let started = std::time::Instant::now();
         let mut inner = self.inner.lock();
         let op = LogOp::Append(entries);
         match inner.write_unsynced(&op) {
@@ -371,7 +377,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         inner.replay(op);
         let file = inner.file.clone();
         drop(inner);
-        callback.log_io_completed(file.sync_data());
+        let synced = file.sync_data();
+        self.write_duration.record(started.elapsed());
+        callback.log_io_completed(synced);
         Ok(())
     }
 
@@ -421,7 +429,7 @@ mod tests {
     async fn the_log_survives_a_reopen_and_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = LogStore::open(dir.path()).unwrap();
+            let mut store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
             for i in 1..=10 {
                 let mut inner = store.inner.lock();
                 inner
@@ -443,7 +451,7 @@ mod tests {
         let path = dir.path().join("raft-log");
         let size = std::fs::metadata(&path).unwrap().len();
         let end = {
-            let store = LogStore::open(dir.path()).unwrap();
+            let store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
             let end = store.inner.lock().end;
             end
         };
@@ -456,7 +464,7 @@ mod tests {
         f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         drop(f);
         {
-            let mut store = LogStore::open(dir.path()).unwrap();
+            let mut store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
             assert_eq!(indexes(&store), vec![4, 5, 6, 7]);
             // Appends go on where the torn record was cut off.
             store
@@ -466,7 +474,7 @@ mod tests {
                 .unwrap();
             store.save_vote(&Vote::new(2, 3)).await.unwrap();
         }
-        let mut store = LogStore::open(dir.path()).unwrap();
+        let mut store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
         assert_eq!(indexes(&store), vec![4, 5, 6, 7, 8]);
         assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(2, 3)));
         let state = store.get_log_state().await.unwrap();

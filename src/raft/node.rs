@@ -317,7 +317,7 @@ impl Node {
         } else {
             None
         };
-        let log_store = LogStore::open(&dir).map_err(storage)?;
+        let log_store = LogStore::open(&dir, metrics.wal_write.clone()).map_err(storage)?;
         let sm = StateMachine::open(&dir, Some(keys.clone())).map_err(storage)?;
         let sizes = Sizes {
             log: log_store.appended_bytes(),

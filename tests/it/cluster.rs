@@ -867,6 +867,10 @@ async fn cluster_metrics_tell_leader_from_follower(
     assert!(on_leader.get("leasehold_commit_batch_size_count") >= 1.0);
     assert!(on_leader.get("leasehold_commit_batch_size_sum") >= 1.0);
     assert!(on_leader.get("leasehold_commit_duration_seconds_count") >= 1.0);
+    // Every node times its Raft log's appends (the follower's at least the
+    // entries it had applied when scraped).
+    assert!(on_leader.get("leasehold_wal_write_duration_seconds_count") >= 1.0);
+    assert!(on_follower.get("leasehold_wal_write_duration_seconds_count") >= 1.0);
     assert_eq!(
         on_leader.get(r#"leasehold_cluster_role{role="follower"}"#),
         0.0
