@@ -17,7 +17,9 @@
 //!   the directory. A damaged file refuses to start; a missing one is
 //!   created only for a new data directory (or with
 //!   `--create-signing-key`), never silently: a new key is one storage does
-//!   not know.
+//!   not know. A cluster node with Raft data is the exception: that data
+//!   holds the cluster's set, which replaces the new key as the node
+//!   replays it (`server::open`, `raft::state_machine`).
 //! - [`Keys`] is the running handle: `sign` on the grant path (a read
 //!   lock and an Ed25519 signature), `rotate` / `retire` for the admin API
 //!   of a single node.

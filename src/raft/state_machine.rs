@@ -13,7 +13,9 @@
 //! `Keys` entry, or a snapshot's). [`StateMachine`] hands each new set to
 //! the node's [`Keys`] once the entries of a batch are applied (and after
 //! installing a snapshot), so every node signs and serves the set the log
-//! says, and its key file holds it for the next start.
+//! says, and its key file holds it for the next start. A restart takes on
+//! the snapshot's set before the log after it, so a node rebuilds a lost
+//! key file from its own Raft data.
 //!
 //! The applied state lives in memory; a snapshot is its JSON in one file
 //! (`DATA_DIR/raft/raft-snapshot`, mode 0600 as it holds the signing key's
@@ -281,13 +283,21 @@ impl StateMachine {
                 data: data.to_vec(),
             });
         }
-        Ok(StateMachine {
+        let keys_text = applied.keys.clone();
+        let sm = StateMachine {
             applied: Arc::new(Mutex::new(applied)),
             path,
             current: Arc::new(Mutex::new(current)),
             built: Arc::default(),
             keys,
-        })
+        };
+        // The snapshot's set is the cluster's as of the snapshot (later
+        // ones follow as openraft re-applies the log): a key file that was
+        // lost, or is behind, is rewritten from it.
+        if let Some(text) = keys_text {
+            sm.adopt(&text);
+        }
+        Ok(sm)
     }
 
     /// Hands the applied key set to the node's keys (file I/O when it is new).
@@ -642,6 +652,20 @@ mod tests {
             .unwrap();
         assert_eq!(other_keys.set(), cluster);
         assert_eq!(other.applied.lock().key_set(), Some((cluster.clone(), 3)));
+
+        // Its key file lost, the node restarts with a new key (as `serve`
+        // does for a cluster node with Raft data) and the snapshot's set
+        // replaces it, in memory and in the file.
+        let other_data = other_dir.path().join("data");
+        std::fs::remove_file(other_data.join(crate::keys::KEY_FILE)).unwrap();
+        let fresh = Keys::open(&other_data, &options, true).unwrap();
+        assert_ne!(fresh.set(), cluster);
+        StateMachine::open(&other_dir.path().join("raft"), Some(fresh.clone())).unwrap();
+        assert_eq!(fresh.set(), cluster);
+        assert_eq!(
+            Keys::open(&other_data, &options, false).unwrap().set(),
+            cluster
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

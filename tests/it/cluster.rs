@@ -1201,7 +1201,8 @@ async fn files_sign_with(c: &Cluster, among: &[usize], id: &str, within: Duratio
 /// kill -9 of the leader verify with the set fetched before, under the same
 /// key id; `keys rotate` through a follower reaches every node (and its key
 /// file) within seconds, the new leader signs with the new key, and a
-/// node restarted afterwards, or down during the rotation, has it too.
+/// node restarted afterwards, or down during the rotation, or restarted
+/// with its key file lost, has it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cluster_signs_with_one_replicated_key_set() {
     let _one = one_cluster_at_a_time().await;
@@ -1277,4 +1278,24 @@ async fn the_cluster_signs_with_one_replicated_key_set() {
     let back = same_keys(&c.urls, &all, |id| id == new_id, Duration::from_secs(5)).await;
     assert_eq!(back, rotated);
     files_sign_with(&c, &all, &new_id, Duration::from_secs(5)).await;
+
+    // A follower whose key file is lost restarts without any flag and
+    // rebuilds the file from its own Raft data.
+    let leading = c.leader(Duration::from_secs(5)).await;
+    let lost = all
+        .iter()
+        .copied()
+        .find(|&i| i != leading)
+        .expect("a follower");
+    c.node(lost).kill9();
+    let key_file = c
+        .dir
+        .path()
+        .join(format!("n{}", lost + 1))
+        .join(leasehold::keys::KEY_FILE);
+    std::fs::remove_file(&key_file).expect("remove the key file");
+    c.spawn(lost);
+    files_sign_with(&c, &[lost], &new_id, Duration::from_secs(5)).await;
+    let back = same_keys(&c.urls, &all, |id| id == new_id, Duration::from_secs(5)).await;
+    assert_eq!(back, rotated);
 }
