@@ -153,19 +153,21 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
     }
     // First, as a cluster node's state machine takes on the cluster's key
     // set as soon as it applies the log.
-    let raft_dir = config.data_dir.join("raft");
-    let rebuilds_keys = config.cluster.is_some()
-        && (raft_dir.join("raft-log").exists() || raft_dir.join("raft-snapshot").exists());
     let key_file = config
         .keys
         .path
         .clone()
         .unwrap_or_else(|| config.data_dir.join(keys::KEY_FILE));
-    if rebuilds_keys && !key_file.exists() {
-        // Its Raft data holds the cluster's key set (the snapshot's, then
-        // the log's): the file is rewritten from it as the node replays.
-        // The new key made meanwhile is replaced before the node could
-        // lead, since a leader first takes on the applied set.
+    let raft_dir = config.data_dir.join("raft");
+    // A cluster node whose Raft data holds the cluster's key set rewrites a
+    // lost key file from it as it replays (the snapshot's set, then the
+    // log's). The new key made meanwhile never signs: a leader takes on
+    // the applied set before it decides.
+    let rebuilds_keys = config.cluster.is_some()
+        && !key_file.exists()
+        && raft_dir.exists()
+        && crate::raft::holds_key_set(&raft_dir).unwrap_or(false);
+    if rebuilds_keys {
         tracing::warn!(path = %key_file.display(), "no signing key file; taking the cluster's key set from this node's Raft data");
     }
     let keys = Keys::open(

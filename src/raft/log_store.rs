@@ -116,6 +116,18 @@ fn frame(op: &LogOp, out: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 impl LogStore {
+    /// Whether an entry in the log carries a request that `matches`.
+    pub fn any_request(&self, matches: impl Fn(&super::Request) -> bool) -> bool {
+        self.inner
+            .lock()
+            .entries
+            .values()
+            .any(|e| match &e.payload {
+                openraft::EntryPayload::Normal(r) => matches(r),
+                _ => false,
+            })
+    }
+
     /// Bytes of entries appended since the store opened, kept current.
     pub fn appended_bytes(&self) -> Arc<AtomicU64> {
         self.appended.clone()
@@ -417,6 +429,41 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
             payload: EntryPayload::Blank,
         }
+    }
+
+    /// `holds_key_set` finds a `Keys` entry in the log, and looking at a
+    /// directory with no log creates none (the node would no longer look
+    /// fresh).
+    #[test]
+    fn a_key_set_in_the_log_is_found_and_nothing_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!crate::raft::holds_key_set(dir.path()).unwrap());
+        assert!(!dir.path().join("raft-log").exists());
+        let store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
+        let promote = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(crate::raft::Request::Promote { node: 1 }),
+        };
+        store
+            .inner
+            .lock()
+            .write_unsynced(&LogOp::Append(vec![promote]))
+            .unwrap();
+        assert!(!crate::raft::holds_key_set(dir.path()).unwrap());
+        let set = crate::keys::KeySet::new([7; 32], 10);
+        let keys = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Normal(crate::raft::Request::Keys {
+                text: crate::raft::KeyText(set.encode()),
+                base: 0,
+            }),
+        };
+        store
+            .inner
+            .lock()
+            .write_unsynced(&LogOp::Append(vec![keys]))
+            .unwrap();
+        assert!(crate::raft::holds_key_set(dir.path()).unwrap());
     }
 
     fn indexes(store: &LogStore) -> Vec<u64> {

@@ -15,7 +15,7 @@
 //! applied key set (or, if there is none yet, proposes its own) before it
 //! decides, so whichever node leads signs with the same keys.
 //!
-//! - [`log_store`]: the Raft log, an append-only file of our own (fsync per append).
+//! - [`log_store`]: the Raft log, a preallocated file of our own (fsync per append).
 //! - [`state_machine`]: the applied state (the signing keys included), its
 //!   snapshots (a file) and the epoch check.
 //! - [`network`]: the Raft RPCs over tonic, both ends.
@@ -44,6 +44,23 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 
 pub use node::{ClusterConfig, Node, NodeError};
+
+/// Whether the Raft data in `dir` holds a key set of the cluster's (in its
+/// snapshot, or a `Keys` entry of its log). A node that lost its key file
+/// may then start and rewrite the file from it (`server::open`); without
+/// one, a new key would be a key storage does not know.
+pub fn holds_key_set(dir: &std::path::Path) -> std::io::Result<bool> {
+    let snapshot = state_machine::StateMachine::open(dir, None)?;
+    if snapshot.applied().lock().keys.is_some() {
+        return Ok(true);
+    }
+    // Opening creates the file, which would make the node look not fresh.
+    if !dir.join("raft-log").exists() {
+        return Ok(false);
+    }
+    let log = log_store::LogStore::open(dir, metrics::Histogram::noop())?;
+    Ok(log.any_request(|r| matches!(r, Request::Keys { .. })))
+}
 
 /// A node's id in the cluster (`--node-id`).
 pub type NodeId = u64;
