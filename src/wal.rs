@@ -67,7 +67,6 @@
 //! operation, exactly as before the crash.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -382,14 +381,8 @@ impl Wal {
         }
         let tmp = dir.join(SPARE_TMP);
         let result = (|| {
-            let mut file = File::create(&tmp)?;
-            let zeros = vec![0u8; 1 << 20];
-            let mut left = segment_bytes;
-            while left > 0 {
-                let n = left.min(zeros.len() as u64) as usize;
-                file.write_all(&zeros[..n])?;
-                left -= n as u64;
-            }
+            let file = File::create(&tmp)?;
+            write_zeros(&file, 0, segment_bytes)?;
             file.sync_all()
         })();
         if let Err(e) = result {
@@ -545,6 +538,19 @@ fn decode(mut p: &[u8]) -> Option<Vec<Op>> {
         });
     }
     Some(ops)
+}
+
+/// Writes `len` zeros into `file` from offset `at`, a MiB at a time:
+/// preallocation, for this log's spare segments and the Raft log.
+pub(crate) fn write_zeros(file: &File, at: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

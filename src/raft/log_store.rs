@@ -18,11 +18,13 @@
 //! and there are two syncs in series in every commit. etcd preallocates its
 //! WAL segments for the same reason.
 //!
-//! The records, each `[len u32][crc32 u32][JSON]` of one [`LogOp`] (entries appended, a suffix truncated, a prefix purged, the
-//! vote, the committed id). On open the records are replayed in order into
-//! memory; replay stops at the first record that is short or fails its CRC
-//! (a write torn by a crash: it was never acknowledged) and the file is cut
-//! there; a zero length is the preallocated space after the last record. When most of the file describes purged entries, it is rewritten
+//! The records, each `[len u32][crc32 u32][JSON]` of one [`LogOp`]
+//! (entries appended, a suffix truncated, a prefix purged, the vote, the
+//! committed id), are replayed in order into memory on open; replay stops
+//! at a zero length (the preallocated space after the last record) or at a
+//! record that is short or fails its CRC (a write torn by a crash: it was
+//! never acknowledged), and the file is cut there. When most of the file
+//! describes purged entries, it is rewritten
 //! (a temporary file, synced, renamed over the old one, directory synced)
 //! holding only the live state, so the file stays proportional to the
 //! entries since the last snapshot.
@@ -36,8 +38,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -240,32 +243,30 @@ impl Inner {
         frame(op, &mut buf)?;
         let len = buf.len() as u64;
         if self.end + len > self.size {
-            self.preallocate(self.end + len)?;
+            self.preallocate(self.end + len);
         }
-        let mut file = &*self.file;
-        file.seek(SeekFrom::Start(self.end))?;
-        file.write_all(&buf)?;
+        self.file.write_all_at(&buf, self.end)?;
         self.end += len;
+        self.size = self.size.max(self.end);
         self.records += 1;
         Ok(len)
     }
 
     /// Grows the file past `needed` with zeros, synced: the records that
-    /// overwrite them later sync without changing the file's size.
-    fn preallocate(&mut self, needed: u64) -> std::io::Result<()> {
+    /// overwrite them later sync without changing the file's size. On a
+    /// disk too full for that, records go on extending the file instead.
+    fn preallocate(&mut self, needed: u64) {
         let size = needed.max(self.size) + PREALLOCATE;
-        let zeros = vec![0u8; 1 << 20];
-        let mut file = &*self.file;
-        file.seek(SeekFrom::Start(self.size))?;
-        let mut at = self.size;
-        while at < size {
-            let n = (size - at).min(zeros.len() as u64) as usize;
-            file.write_all(&zeros[..n])?;
-            at += n as u64;
+        let grown = crate::wal::write_zeros(&self.file, self.size, size - self.size)
+            .and_then(|()| self.file.sync_data());
+        match grown {
+            Ok(()) => self.size = size,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot preallocate the Raft log; appending without");
+                // Zeros that did land are harmless, but keep `size` exact.
+                let _ = self.file.set_len(self.size);
+            }
         }
-        file.sync_data()?;
-        self.size = size;
-        Ok(())
     }
 
     /// Rewrites the file with only the live state, when most of it is dead.
@@ -350,10 +351,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<NodeId>> {
         // Not synced: a lost committed id is learnt again from the leader.
         let mut inner = self.inner.lock();
-        let mut buf = Vec::new();
-        frame(&LogOp::Committed(committed), &mut buf).map_err(io_err)?;
-        (&*inner.file).write_all(&buf).map_err(io_err)?;
-        inner.records += 1;
+        inner
+            .write_unsynced(&LogOp::Committed(committed))
+            .map_err(io_err)?;
         inner.committed = committed;
         Ok(())
     }
@@ -506,9 +506,8 @@ mod tests {
             size > PREALLOCATE && size > end,
             "preallocated: {size} for {end}"
         );
-        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.seek(SeekFrom::Start(end)).unwrap();
-        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[200, 0, 0, 0, 1, 2, 3], end).unwrap();
         drop(f);
         {
             let mut store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
@@ -519,14 +518,26 @@ mod tests {
                 .lock()
                 .write_unsynced(&LogOp::Append(vec![entry(2, 8)]))
                 .unwrap();
+            // A committed id, then an append after it: both kept.
+            let committed = LogId::new(CommittedLeaderId::new(2, 1), 8);
+            store.save_committed(Some(committed)).await.unwrap();
+            store
+                .inner
+                .lock()
+                .write_unsynced(&LogOp::Append(vec![entry(2, 9)]))
+                .unwrap();
             store.save_vote(&Vote::new(2, 3)).await.unwrap();
         }
         let mut store = LogStore::open(dir.path(), metrics::Histogram::noop()).unwrap();
-        assert_eq!(indexes(&store), vec![4, 5, 6, 7, 8]);
+        assert_eq!(indexes(&store), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(
+            store.read_committed().await.unwrap().map(|l| l.index),
+            Some(8)
+        );
         assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(2, 3)));
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(3));
-        assert_eq!(state.last_log_id.map(|l| l.index), Some(8));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(9));
         let got = store.try_get_log_entries(5..7).await.unwrap();
         assert_eq!(
             got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
