@@ -344,6 +344,13 @@ pub struct KeyOptions {
     pub no_signed_fences: bool,
 }
 
+impl KeyOptions {
+    /// The key file: `path`, or `DATA_DIR/signing-keys`.
+    pub fn file(&self, data_dir: &Path) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| data_dir.join(KEY_FILE))
+    }
+}
+
 /// Why the keys cannot be loaded, saved or changed.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -513,10 +520,7 @@ impl Keys {
         options: &KeyOptions,
         data_dir_was_new: bool,
     ) -> Result<Keys, KeysError> {
-        let path = options
-            .path
-            .clone()
-            .unwrap_or_else(|| data_dir.join(KEY_FILE));
+        let path = options.file(data_dir);
         let set = match std::fs::read(&path) {
             Ok(bytes) => {
                 let text = String::from_utf8(bytes).map_err(|_| KeysError::Damaged {

@@ -153,11 +153,7 @@ pub async fn open(config: &ServerConfig) -> Result<Opened, ServerError> {
     }
     // First, as a cluster node's state machine takes on the cluster's key
     // set as soon as it applies the log.
-    let key_file = config
-        .keys
-        .path
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join(keys::KEY_FILE));
+    let key_file = config.keys.file(&config.data_dir);
     let raft_dir = config.data_dir.join("raft");
     // A cluster node whose Raft data holds the cluster's key set rewrites a
     // lost key file from it as it replays (the snapshot's set, then the

@@ -786,10 +786,24 @@ async fn bad_input_and_a_lost_majority_keep_todays_answers() {
         assert_eq!(got.code(), want, "{req:?}: {got:?}");
     }
 
-    // Two nodes gone: no majority.
+    // Two nodes gone: no majority. The third goes by SIGTERM, gracefully:
+    // the leader's `Replicate` stream into it must not hold the shutdown
+    // open.
     let third = (leader + 2) % 3;
+    c.node(third).signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let exited = loop {
+        if let Some(status) = c.node(third).child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a follower still running 5 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exited.success(), "SIGTERM should exit 0, got {exited}");
     c.node(leader).kill9();
-    c.node(third).kill9();
     let asked = Instant::now();
     let got = try_acquire(&mut via, acquire_req("nomajority", "h", 1000)).await;
     let took = asked.elapsed();
